@@ -1,0 +1,116 @@
+"""Analytic inversion of a fully connected layer with bias (Phong et al. 2018, "Privacy-Preserving Deep
+Learning via Additively Homomorphic Encryption", Sec. 3).
+
+For ``z = W x + b`` the gradient rows are ``∂L/∂W_i = (∂L/∂b_i) · x``, so one sample's input is any row of
+the weight gradient divided by its bias gradient. We take the least-squares combination of all rows
+(``x = Σ_i g_i G_i / Σ_i g_i²``), exact up to round-off. For a batch whose labels are distinct and whose
+classifier reads the input directly (a linear model), the classifier row of each label is dominated by the
+sample of that label: one input per label (approximate; exact for one sample).
+
+Threat model: honest-but-curious server; the layer must see the raw input (the first layer).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from gradinv.attacks.base import Attack, Callback, register_attack
+from gradinv.attacks.labels import labels_for
+from gradinv.errors import AttackError
+from gradinv.models import classifier_layer
+from gradinv.types import Observation, Reconstruction
+
+
+@dataclass(frozen=True)
+class AnalyticSettings:
+    layer: str | None = None  # name of the fully connected layer to invert; default: the first one
+    label_method: str = "auto"
+
+
+def _first_linear(model: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            if isinstance(module, nn.Linear):
+                return name
+            raise AttackError(
+                f"the first layer with parameters is {type(module).__name__} '{name}', not a fully connected "
+                "layer: the analytic attack inverts a fully connected first layer (try invgrad or dlg)"
+            )
+    raise AttackError("the model has no layer with parameters")
+
+
+def invert_rows(weight_grad: Tensor, bias_grad: Tensor) -> Tensor:
+    """Least-squares input from all rows of one sample's weight and bias gradients (float64)."""
+    g = bias_grad.double()
+    denom = (g * g).sum()
+    if denom <= 0:
+        raise AttackError("every bias gradient is zero: the layer's input cannot be read from this update")
+    return (g @ weight_grad.double()) / denom
+
+
+@register_attack
+class AnalyticFC(Attack):
+    name = "analytic"
+    summary = "Analytic inversion of a fully connected layer with bias (Phong et al. 2018), exact at batch 1"
+    Settings = AnalyticSettings
+    requires = ("num_samples",)
+
+    def _reconstruct(
+        self,
+        observation: Observation,
+        *,
+        generator: torch.Generator,
+        progress: bool,
+        callback: Callback | None,
+    ) -> Reconstruction:
+        start = time.perf_counter()
+        k = observation.knowledge
+        model = observation.model
+        batch = int(k.num_samples)
+        labels: Tensor | None = None
+        label_source = None
+        if batch == 1:
+            name = self.settings.layer or _first_linear(model)
+        else:
+            name = self.settings.layer or classifier_layer(model)[0]
+            if name != _first_linear(model):
+                raise AttackError(
+                    f"with {batch} samples the analytic attack reads one input per label from the classifier "
+                    f"'{name}', which must take the raw input (a linear model); use batch 1 or an "
+                    "iteration-based attack"
+                )
+        layer = dict(model.named_modules()).get(name)
+        if not isinstance(layer, nn.Linear):
+            raise AttackError(f"'{name}' is not a fully connected layer of this model")
+        if layer.bias is None or f"{name}.bias" not in observation.update:
+            raise AttackError(f"layer '{name}' has no bias: the analytic attack needs a bias gradient")
+        gw = observation.update[f"{name}.weight"]
+        gb = observation.update[f"{name}.bias"]
+        if batch == 1:
+            rows = invert_rows(gw, gb)[None]
+        else:
+            labels, label_source = labels_for(observation, method=self.settings.label_method)
+            if len(torch.unique(labels)) != batch:
+                raise AttackError("the analytic batch rule needs distinct labels (one input per label)")
+            rows = torch.stack([gw[c].double() / gb[c].double() for c in labels.tolist()])
+        x = rows.float()
+        if k.input_shape is not None and math.prod(k.input_shape) == x.shape[1]:
+            x = x.reshape(batch, *k.input_shape)
+        if labels is None and observation.knowledge.labels is not None:
+            labels, label_source = observation.knowledge.labels.clone(), "knowledge"
+        elif labels is None:
+            labels, label_source = labels_for(observation, method=self.settings.label_method)
+        return Reconstruction(
+            inputs=x,
+            labels=labels,
+            attack=self.name,
+            settings={"layer": name, "label_method": self.settings.label_method, "label_source": label_source},
+            seconds=time.perf_counter() - start,
+            normalization=k.normalization,
+            extras={"float64_inputs": rows},
+        )

@@ -1,0 +1,106 @@
+"""The attack interface and registry.
+
+An attack is ``reconstruct(observation) -> Reconstruction``. It declares the knowledge it needs; a check
+lists everything missing in one error before any work starts. A paper's attack is a settings dataclass (the
+paper's hyper-parameters as defaults) plus a short ``_reconstruct``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from gradinv.errors import ConfigError, MissingKnowledgeError
+from gradinv.types import GroundTruth, Observation, Reconstruction
+
+Callback = Callable[[int, float, Tensor], None]
+
+
+class Attack(ABC):
+    """Base class of every reconstruction attack.
+
+    Subclasses set ``name``, ``summary``, ``Settings`` (a dataclass) and ``requires`` (names of
+    :class:`~gradinv.types.Knowledge` fields the attack cannot run without), and implement ``_reconstruct``.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Settings: ClassVar[type]
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, settings: Any | None = None, **overrides: Any) -> None:
+        base = settings if settings is not None else self.Settings()
+        valid = {f.name for f in dataclasses.fields(self.Settings)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise ConfigError(f"{self.name} has no setting(s) {unknown}; its settings are {sorted(valid)}")
+        self.settings = dataclasses.replace(base, **overrides)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.settings})"
+
+    def check(self, observation: Observation) -> None:
+        """Raise one error naming every piece of knowledge this attack needs and the observation lacks."""
+        if isinstance(observation, GroundTruth):
+            raise TypeError("attacks receive an Observation, never the GroundTruth")
+        if not isinstance(observation, Observation):
+            raise TypeError(f"reconstruct() takes an Observation, got {type(observation).__name__}")
+        missing = observation.knowledge.missing(self.requires)
+        if missing:
+            raise MissingKnowledgeError(
+                f"{self.name} needs knowledge the threat model does not give: {', '.join(missing)}; "
+                "give it in the scenario's ThreatModel or Knowledge"
+            )
+
+    def reconstruct(
+        self,
+        observation: Observation,
+        *,
+        seed: int = 0,
+        progress: bool = False,
+        callback: Callback | None = None,
+    ) -> Reconstruction:
+        """Reconstruct the client's data from ``observation``.
+
+        ``seed`` fixes every random choice; ``callback(iteration, seconds, inputs)`` is called at logged
+        iterations with the current best candidate (normalised), e.g. to draw time-to-PSNR curves.
+        """
+        self.check(observation)
+        generator = torch.Generator().manual_seed(seed)
+        return self._reconstruct(observation, generator=generator, progress=progress, callback=callback)
+
+    @abstractmethod
+    def _reconstruct(
+        self,
+        observation: Observation,
+        *,
+        generator: torch.Generator,
+        progress: bool,
+        callback: Callback | None,
+    ) -> Reconstruction: ...
+
+    def settings_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.settings)
+
+
+ATTACKS: dict[str, type[Attack]] = {}
+
+
+def register_attack(cls: type[Attack]) -> type[Attack]:
+    """Class decorator adding an attack to :data:`ATTACKS` under ``cls.name``."""
+    if cls.name in ATTACKS:
+        raise ValueError(f"attack {cls.name!r} registered twice")
+    ATTACKS[cls.name] = cls
+    return cls
+
+
+def build_attack(name: str, **settings: Any) -> Attack:
+    """An attack by registry name with its settings overridden by keyword."""
+    if name not in ATTACKS:
+        raise ConfigError(f"unknown attack {name!r}: choose one of {', '.join(sorted(ATTACKS))}")
+    return ATTACKS[name](**settings)

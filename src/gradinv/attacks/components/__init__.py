@@ -1,0 +1,1 @@
+"""Parts that attacks are built from: gradient-matching objectives, priors, initialisations, replay."""

@@ -1,0 +1,53 @@
+"""Replaying the client's computation on candidate data: the heart of every iteration-based attack."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from gradinv.attacks.components.objectives import Objective
+from gradinv.attacks.components.regularizers import total_variation
+from gradinv.fl.functional import stateless_twin
+from gradinv.fl.protocols import client_update, cross_entropy
+from gradinv.types import Observation
+
+
+def matching_cost(
+    observation: Observation,
+    *,
+    objective: Objective,
+    tv_weight: float = 0.0,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """``cost(x, y)``: distance between the update that candidate data ``(x, y)`` would produce under the
+    observed protocol and the observed update, plus ``tv_weight`` times total variation of ``x``.
+
+    The function is pure (``torch.func``-friendly): ``vmap`` it over restarts, or differentiate it with
+    autograd. ``y`` holds class indices or soft labels (probabilities).
+    """
+    twin = stateless_twin(observation.model, train_mode=observation.train_mode)
+    params = {k: v.detach() for k, v in observation.parameters.items()}
+    buffers = {k: v.detach().clone() for k, v in observation.buffers.items()}
+    target = {k: v.detach() for k, v in observation.update.items()}
+    protocol = observation.protocol
+
+    def cost(x: Tensor, y: Tensor) -> Tensor:
+        update = client_update(protocol, twin, params, buffers, x, y, loss_fn=cross_entropy)
+        value = objective(update, target)
+        if tv_weight:
+            value = value + tv_weight * total_variation(x)
+        return value
+
+    return cost
+
+
+def box_bounds(observation: Observation, shape: tuple[int, ...]) -> tuple[Tensor, Tensor] | None:
+    """Per-channel bounds of valid normalised inputs (images in [0, 1]), or None if the normalisation is unknown."""
+    norm = observation.knowledge.normalization
+    if norm is None:
+        return None
+    channels = shape[-3] if len(shape) >= 3 else 1
+    mean = torch.as_tensor(norm.mean, dtype=torch.float32).reshape(channels, 1, 1)
+    std = torch.as_tensor(norm.std, dtype=torch.float32).reshape(channels, 1, 1)
+    return (0 - mean) / std, (1 - mean) / std

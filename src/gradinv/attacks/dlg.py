@@ -1,0 +1,118 @@
+"""Deep Leakage from Gradients (Zhu, Liu, Han, NeurIPS 2019).
+
+Threat model: honest-but-curious server knowing the input shape and number of samples. Dummy inputs and
+dummy soft labels (a softmax over free logits) are optimised jointly with L-BFGS so that their gradient
+matches the observed one in squared Euclidean distance (the paper's Eq. 4). If the threat model gives the
+labels, they are used instead of soft labels. Restarts run one after another (L-BFGS's line search couples
+whatever it optimises together); the lowest final matching cost wins.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gradinv.attacks.base import Attack, Callback, register_attack
+from gradinv.attacks.components.lbfgs import lbfgs_match
+from gradinv.attacks.components.objectives import OBJECTIVES
+from gradinv.attacks.components.replay import matching_cost
+from gradinv.errors import ConfigError
+from gradinv.models import classifier_layer
+from gradinv.types import Observation, Reconstruction
+
+
+@dataclass(frozen=True)
+class LBFGSMatchingSettings:
+    """DLG's settings: L-BFGS with lr 1, Euclidean distance, 300 iterations."""
+
+    iterations: int = 300
+    restarts: int = 1
+    lr: float = 1.0
+    history_size: int = 100
+    line_search: str | None = "strong_wolfe"
+    objective: str = "euclidean"
+    label_method: str = "auto"
+    log_every: int = 10
+
+
+class _LBFGSAttack(Attack):
+    """DLG and iDLG: L-BFGS on dummy data; they differ in where the labels come from."""
+
+    Settings = LBFGSMatchingSettings
+    requires = ("input_shape", "num_samples")
+
+    def _labels(self, observation: Observation) -> tuple[Tensor | None, str]:
+        raise NotImplementedError
+
+    def _reconstruct(
+        self,
+        observation: Observation,
+        *,
+        generator: torch.Generator,
+        progress: bool,
+        callback: Callback | None,
+    ) -> Reconstruction:
+        s = self.settings
+        if s.iterations < 1 or s.restarts < 1:
+            raise ConfigError(f"{self.name} needs iterations >= 1 and restarts >= 1")
+        if s.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {s.objective!r}: choose one of {sorted(OBJECTIVES)}")
+        start = time.perf_counter()
+        k = observation.knowledge
+        labels, label_source = self._labels(observation)
+        num_classes = classifier_layer(observation.model)[1].out_features
+        match = matching_cost(observation, objective=OBJECTIVES[s.objective])
+
+        def cost(x: Tensor, y: Tensor | None) -> Tensor:
+            return match(x, labels if y is None else torch.softmax(y, dim=-1))
+
+        best = None
+        restart_costs = []
+        trace = []
+        for r in range(s.restarts):
+            x0 = torch.randn((k.num_samples, *k.input_shape), generator=generator)
+            y0 = None if labels is not None else torch.randn((k.num_samples, num_classes), generator=generator)
+            x, y, value, run_trace = lbfgs_match(
+                cost,
+                x0,
+                y0,
+                iterations=s.iterations,
+                lr=s.lr,
+                history_size=s.history_size,
+                line_search=s.line_search,
+                log_every=s.log_every,
+                desc=f"{self.name} restart {r + 1}/{s.restarts}",
+                progress=progress,
+                callback=callback,
+                start=start,
+            )
+            restart_costs.append(value)
+            trace.extend(run_trace)
+            if best is None or value < best[2]:
+                best = (x, y, value, r)
+        x, y, _, best_restart = best
+        out_labels = labels if labels is not None else torch.argmax(y, dim=-1)
+        return Reconstruction(
+            inputs=x,
+            labels=out_labels,
+            attack=self.name,
+            settings={**self.settings_dict(), "label_source": label_source},
+            seconds=time.perf_counter() - start,
+            normalization=k.normalization,
+            trace=tuple(trace),
+            extras={"restart_costs": restart_costs, "best_restart": best_restart},
+        )
+
+
+@register_attack
+class DLG(_LBFGSAttack):
+    name = "dlg"
+    summary = "Deep Leakage from Gradients (Zhu et al. 2019): joint data + soft-label L-BFGS, Euclidean"
+
+    def _labels(self, observation: Observation) -> tuple[Tensor | None, str]:
+        if observation.knowledge.labels is not None:
+            return observation.knowledge.labels.clone(), "knowledge"
+        return None, "optimised"

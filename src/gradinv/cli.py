@@ -1,0 +1,219 @@
+"""The ``gradinv`` command line.
+
+A user's mistake (unknown name, missing file, bad size...) is reported on one line with exit code 2,
+never as a traceback, and nothing is written to ``--out`` unless the run succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gradinv.errors import ConfigError, GradinvError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake on one line with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"gradinv: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _add_run_options(p: argparse.ArgumentParser, *, model: str, data: str) -> None:
+    p.add_argument("--model", default=model, help=f"model name (default {model}; see `gradinv list`)")
+    p.add_argument("--data", default=data, help="digits, photos, a folder of images or an .npz file; 'none' to skip")
+    p.add_argument("--image-size", type=_positive, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--batch-size", type=_positive, default=1, help="client batch size (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, model and attack (default 0)")
+    p.add_argument("--trained-steps", type=_nonneg, default=0, help="train the model this many steps first")
+    p.add_argument("--weights", type=Path, help="safetensors file with the model's parameters")
+    p.add_argument("--num-classes", type=_positive, help="classes of the model (default: from the data)")
+    p.add_argument("--local-steps", type=_positive, help="FedAvg: local SGD steps (default: FedSGD)")
+    p.add_argument("--local-lr", type=float, default=0.1, help="FedAvg: local learning rate (default 0.1)")
+    p.add_argument("--local-batch-size", type=_positive, help="FedAvg: local batch size (default: full batch)")
+    p.add_argument("--out", type=Path, help="output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gradinv.attacks import ATTACKS
+
+    parser = _Parser(prog="gradinv", description="Gradient inversion attacks on federated-learning updates.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    a = sub.add_parser("attack", help="attack one client's update and score the reconstruction")
+    a.add_argument("name", choices=sorted(ATTACKS), metavar="NAME", help=f"one of {', '.join(sorted(ATTACKS))}")
+    _add_run_options(a, model="convnet", data="photos")
+    a.add_argument("--iterations", type=_positive, help="attack iterations (default: the paper's)")
+    a.add_argument("--restarts", type=_positive, help="random restarts (default 1)")
+    a.add_argument("--update", type=Path, help="captured update (safetensors) to attack instead of a simulation")
+    a.add_argument("--known-labels", action="store_true", help="the threat model gives the attacker the labels")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    c = sub.add_parser("capture", help="simulate a client and save its model and update (safetensors)")
+    _add_run_options(c, model="convnet", data="photos")
+
+    sub.add_parser("list", help="list attacks, models and data sources")
+
+    d = sub.add_parser("demo", help="Inverting Gradients on a bundled photo against a ResNet")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _protocol(args: argparse.Namespace):
+    from gradinv.fl import FedAvg, FedSGD
+
+    if args.local_steps is None:
+        return FedSGD()
+    return FedAvg(local_steps=args.local_steps, lr=args.local_lr, local_batch_size=args.local_batch_size)
+
+
+def _data(args: argparse.Namespace) -> str | None:
+    return None if str(args.data).lower() == "none" else args.data
+
+
+def _check_out(out: Path | None) -> None:
+    if out is not None and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' exists and is not a folder: choose a folder path")
+
+
+def _cmd_attack(args: argparse.Namespace) -> int:
+    from gradinv.experiment import run_attack, save_run
+
+    _check_out(args.out)
+    result = run_attack(
+        args.name,
+        model=args.model,
+        data=_data(args),
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        iterations=args.iterations,
+        restarts=args.restarts,
+        trained_steps=args.trained_steps,
+        weights=args.weights,
+        update=args.update,
+        num_classes=args.num_classes,
+        known_labels=args.known_labels,
+        protocol=_protocol(args),
+        progress=not args.quiet,
+    )
+    m = result.metrics
+    line = f"{m['attack']} on {m['model']}: {m['seconds']:.1f} s"
+    if m["psnr"] is not None:
+        line += f", PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}"
+    if m["label_accuracy"] is not None:
+        line += f", label accuracy {m['label_accuracy']:.2f}"
+    if args.out is not None:
+        save_run(result, args.out)
+        line += f" -> {args.out}/"
+    print(line)
+    return 0
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from gradinv.data import load_dataset, sample_batch
+    from gradinv.experiment import prepare_model
+    from gradinv.fl import Scenario
+    from gradinv.io import save_model, save_update, write_json_atomic
+
+    if args.out is None:
+        raise ConfigError("capture needs --out FOLDER to write the model and update into")
+    _check_out(args.out)
+    data = _data(args)
+    if data is None:
+        raise ConfigError("capture simulates a client, so it needs --data")
+    ds = load_dataset(data, image_size=args.image_size, channels=3)
+    model = prepare_model(
+        args.model,
+        num_classes=args.num_classes or ds.num_classes,
+        image_size=args.image_size,
+        seed=args.seed,
+        weights=args.weights,
+        trained_steps=args.trained_steps,
+        dataset=ds,
+    )
+    images, labels = sample_batch(ds, batch_size=args.batch_size, seed=args.seed)
+    protocol = _protocol(args)
+    obs = Scenario.from_images(model, images, labels, normalization=ds.normalization, protocol=protocol).observe()
+    save_model(model, args.out / "weights.safetensors")
+    save_update(obs.update, args.out / "update.safetensors", metadata={"protocol": protocol.to_dict()})
+    write_json_atomic(
+        {"model": args.model, "data": str(data), "image_size": args.image_size, "batch_size": args.batch_size,
+         "seed": args.seed, "labels": labels.tolist(), "protocol": protocol.to_dict()},
+        args.out / "capture.json",
+    )
+    print(f"wrote {args.out}/weights.safetensors, update.safetensors and capture.json")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from gradinv.attacks import ATTACKS
+    from gradinv.data import list_data_sources
+    from gradinv.models import list_models
+
+    print("attacks:")
+    for name in sorted(ATTACKS):
+        print(f"  {name:<10} {ATTACKS[name].summary}")
+    print("models:")
+    for name, summary in list_models():
+        print(f"  {name:<10} {summary}")
+    print("data:")
+    for name, summary in list_data_sources():
+        print(f"  {name:<10} {summary}")
+    print("  PATH       a folder of images (class sub-folders or flat) or an .npz with images and labels")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gradinv.demo import run_demo
+
+    _check_out(args.out)
+    run_demo(out=args.out, progress=not args.quiet)
+    return 0
+
+
+COMMANDS = {"attack": _cmd_attack, "capture": _cmd_capture, "list": _cmd_list, "demo": _cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gradinv`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except GradinvError as exc:
+        sys.stderr.write(f"gradinv: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("gradinv: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

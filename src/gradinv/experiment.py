@@ -1,0 +1,212 @@
+"""One attack run end to end: data -> model -> scenario (or captured files) -> attack -> scores.
+
+The CLI and the benchmarks are thin layers over :func:`run_attack`; results are written by
+:func:`save_run` so that ``--out`` never holds a half-written run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradinv.attacks import ATTACKS, build_attack
+from gradinv.data import load_dataset, sample_batch
+from gradinv.data.dataset import ImageDataset, Normalization
+from gradinv.errors import ConfigError
+from gradinv.fl import FedSGD, Scenario, observation_from_files
+from gradinv.fl.protocols import Protocol
+from gradinv.io import load_state_into, write_json_atomic
+from gradinv.metrics import ImageScores, label_accuracy, score_images
+from gradinv.models import MODELS, build_model, train_model
+from gradinv.types import GroundTruth, Knowledge, Observation, Reconstruction, ThreatModel
+
+ITERATIVE_OPTIONS = ("iterations", "restarts")
+
+
+@dataclass(frozen=True, eq=False)
+class RunResult:
+    """A finished run: the metrics record, the reconstruction, and the truth when it is known."""
+
+    metrics: dict[str, Any]
+    reconstruction: Reconstruction
+    truth: GroundTruth | None
+    observation: Observation = field(repr=False)
+    scores: ImageScores | None = None
+
+
+def prepare_model(
+    model_name: str,
+    *,
+    num_classes: int,
+    image_size: int,
+    seed: int,
+    weights: str | Path | None = None,
+    trained_steps: int = 0,
+    dataset: ImageDataset | None = None,
+) -> torch.nn.Module:
+    """Build a model by name, load saved weights or train it briefly on ``dataset`` if asked."""
+    if model_name not in MODELS:
+        raise ConfigError(f"unknown model {model_name!r}: choose one of {', '.join(sorted(MODELS))}")
+    if trained_steps < 0:
+        raise ConfigError(f"--trained-steps must be >= 0, got {trained_steps}")
+    model = build_model(model_name, num_classes=num_classes, in_channels=3, image_size=image_size, seed=seed)
+    if weights is not None:
+        load_state_into(model, weights)
+    if trained_steps:
+        if dataset is None:
+            raise ConfigError("--trained-steps needs --data to train on")
+        train_model(
+            model,
+            images=dataset.normalization.normalize(dataset.images),
+            labels=dataset.labels,
+            steps=trained_steps,
+            seed=seed,
+        )
+    return model
+
+
+def run_attack(
+    attack: str,
+    *,
+    model: str = "convnet",
+    data: str | Path | None = "photos",
+    image_size: int = 32,
+    batch_size: int = 1,
+    seed: int = 0,
+    iterations: int | None = None,
+    restarts: int | None = None,
+    trained_steps: int = 0,
+    weights: str | Path | None = None,
+    update: str | Path | None = None,
+    num_classes: int | None = None,
+    known_labels: bool = False,
+    protocol: Protocol | None = None,
+    progress: bool = False,
+    callback=None,
+) -> RunResult:
+    """Attack one client's batch and score the reconstruction (the ``gradinv attack`` command)."""
+    if attack not in ATTACKS:
+        raise ConfigError(f"unknown attack {attack!r}: choose one of {', '.join(sorted(ATTACKS))}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    overrides = {}
+    for key, value in (("iterations", iterations), ("restarts", restarts)):
+        if value is not None:
+            if value < 1:
+                raise ConfigError(f"--{key} must be >= 1, got {value}")
+            if key in {f for f in ATTACKS[attack].Settings.__dataclass_fields__}:
+                overrides[key] = value
+    attacker = build_attack(attack, **overrides)
+    protocol = protocol or FedSGD()
+
+    dataset = load_dataset(data, image_size=image_size, channels=3) if data is not None else None
+    classes = num_classes or (dataset.num_classes if dataset is not None else 10)
+    net = prepare_model(
+        model,
+        num_classes=classes,
+        image_size=image_size,
+        seed=seed,
+        weights=weights,
+        trained_steps=trained_steps,
+        dataset=dataset,
+    )
+    truth: GroundTruth | None = None
+    if dataset is not None:
+        images, labels = sample_batch(dataset, batch_size=batch_size, seed=seed)
+        if int(labels.max()) >= classes:
+            raise ConfigError(f"the data has labels up to {int(labels.max())} but the model has {classes} classes")
+    if update is None:
+        if dataset is None:
+            raise ConfigError("without --update the client's batch must come from --data")
+        scenario = Scenario.from_images(
+            net,
+            images,
+            labels,
+            normalization=dataset.normalization,
+            protocol=protocol,
+            threat=ThreatModel(known_labels=known_labels),
+        )
+        observation = scenario.observe()
+        truth = scenario.ground_truth()
+    else:
+        norm = dataset.normalization if dataset is not None else Normalization.identity(3)
+        if dataset is not None:
+            truth = GroundTruth(inputs=norm.normalize(images), labels=labels, normalization=norm)
+        knowledge = Knowledge(
+            input_shape=(3, image_size, image_size),
+            num_samples=batch_size,
+            labels=truth.labels.clone() if known_labels and truth is not None else None,
+            normalization=norm,
+        )
+        observation = observation_from_files(net, update_path=update, protocol=protocol, knowledge=knowledge)
+
+    rec = attacker.reconstruct(observation, seed=seed, progress=progress, callback=callback)
+    metrics: dict[str, Any] = {
+        "attack": attack,
+        "model": model,
+        "data": str(data) if data is not None else None,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "iterations": getattr(attacker.settings, "iterations", None),
+        "restarts": getattr(attacker.settings, "restarts", None),
+        "seed": seed,
+        "trained_steps": trained_steps,
+        "protocol": protocol.to_dict(),
+        "known_labels": known_labels,
+        "label_source": rec.settings.get("label_source"),
+        "psnr": None,
+        "psnr_per_sample": None,
+        "ssim": None,
+        "ssim_per_sample": None,
+        "mse": None,
+        "label_accuracy": None,
+        "labels_true": None,
+        "labels_recovered": rec.labels.tolist() if rec.labels is not None else None,
+        "seconds": round(rec.seconds, 3),
+        "final_cost": rec.trace[-1].cost if rec.trace else None,
+    }
+    scores = None
+    if truth is not None:
+        if tuple(rec.images.shape) != tuple(truth.images.shape):
+            raise ConfigError(
+                f"the reconstruction has shape {tuple(rec.images.shape)} but the truth {tuple(truth.images.shape)}: "
+                "check --image-size and --batch-size match the captured update"
+            )
+        scores = score_images(rec.images, truth.images)
+        metrics.update(
+            psnr=scores.mean_psnr,
+            psnr_per_sample=scores.psnr,
+            ssim=scores.mean_ssim,
+            ssim_per_sample=scores.ssim,
+            mse=scores.mean_mse,
+            labels_true=truth.labels.tolist(),
+        )
+        if not known_labels and rec.labels is not None:
+            metrics["label_accuracy"] = label_accuracy(rec.labels, truth.labels)
+    return RunResult(metrics=metrics, reconstruction=rec, truth=truth, observation=observation, scores=scores)
+
+
+def save_run(result: RunResult, out: str | Path) -> Path:
+    """Write ``metrics.json`` and ``reconstruction.png`` (truth row above reconstruction row) atomically."""
+    from gradinv.viz import save_reconstruction_grid
+
+    out = Path(out)
+    rec_images = result.reconstruction.images
+    truth_images = None
+    psnr = None
+    if result.truth is not None and result.scores is not None:
+        rec_images = rec_images[result.scores.order]
+        truth_images = result.truth.images
+        psnr = result.metrics["psnr_per_sample"]
+    m = result.metrics
+    title = f"{m['attack']} on {m['model']}"
+    if m["psnr"] is not None:
+        title += f" - mean PSNR {m['psnr']:.1f} dB"
+    save_reconstruction_grid(
+        out / "reconstruction.png", truth=truth_images, reconstruction=rec_images, psnr=psnr, title=title
+    )
+    write_json_atomic(m, out / "metrics.json")
+    return out

@@ -1,0 +1,142 @@
+"""Federated training protocols: what a client computes from its private batch.
+
+Both protocols are written once, as pure functions of a parameter dictionary built on ``torch.func``, so the
+client's simulation and an attacker's differentiable replay of it are the same code.
+
+- FedSGD (McMahan et al. 2017): the client shares the gradient of the mean loss over its batch.
+- FedAvg (McMahan et al. 2017): the client runs K local SGD steps (local batch size, learning rate) and
+  shares the weight delta ``w_K - w_0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad
+
+from gradinv.errors import ConfigError
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy; ``targets`` are class indices (B,) or soft labels (B, K) given as probabilities."""
+    if targets.dtype in (torch.int64, torch.int32):
+        return F.cross_entropy(logits, targets)
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+@dataclass(frozen=True)
+class FedSGD:
+    """One gradient of the mean loss over the client's whole batch (the server sees ``gradient``)."""
+
+    name: Literal["fedsgd"] = "fedsgd"
+
+    @property
+    def update_kind(self) -> str:
+        return "gradient"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name}
+
+
+@dataclass(frozen=True)
+class FedAvg:
+    """K local SGD steps with a local batch size and learning rate (the server sees ``weight_delta``).
+
+    Local step ``k`` uses samples ``[k*b, (k+1)*b)`` of the client's batch, cycling; ``local_batch_size``
+    ``None`` means full batch.
+    """
+
+    local_steps: int = 1
+    lr: float = 0.1
+    local_batch_size: int | None = None
+    name: Literal["fedavg"] = "fedavg"
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 1:
+            raise ConfigError(f"FedAvg needs local_steps >= 1, got {self.local_steps}")
+        if self.lr <= 0:
+            raise ConfigError(f"FedAvg needs a positive learning rate, got {self.lr}")
+        if self.local_batch_size is not None and self.local_batch_size < 1:
+            raise ConfigError(f"FedAvg local_batch_size must be >= 1 or None, got {self.local_batch_size}")
+
+    @property
+    def update_kind(self) -> str:
+        return "weight_delta"
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "local_steps": self.local_steps,
+            "lr": self.lr,
+            "local_batch_size": self.local_batch_size,
+        }
+
+
+Protocol = FedSGD | FedAvg
+
+
+def loss_gradient(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    loss_fn: LossFn = cross_entropy,
+) -> Params:
+    """Gradient of ``loss_fn(model(inputs), targets)`` with respect to ``params``, differentiable in inputs."""
+
+    def loss_of(p: Params) -> Tensor:
+        return loss_fn(functional_call(model, (p, buffers), (inputs,)), targets)
+
+    return grad(loss_of)(dict(params))
+
+
+def client_update(
+    protocol: Protocol,
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    loss_fn: LossFn = cross_entropy,
+) -> Params:
+    """What the client shares under ``protocol``: a gradient (FedSGD) or a weight delta (FedAvg).
+
+    Pure and differentiable in ``inputs`` and ``targets``: attacks replay it on dummy data.
+    """
+    if isinstance(protocol, FedSGD):
+        return loss_gradient(model, params, buffers, inputs, targets, loss_fn=loss_fn)
+    if isinstance(protocol, FedAvg):
+        n = inputs.shape[0]
+        b = protocol.local_batch_size or n
+        current = dict(params)
+        for step in range(protocol.local_steps):
+            idx = torch.arange(step * b, step * b + b) % n
+            g = loss_gradient(model, current, buffers, inputs[idx], targets[idx], loss_fn=loss_fn)
+            current = {k: current[k] - protocol.lr * g[k] for k in current}
+        return {k: current[k] - params[k] for k in current}
+    raise ConfigError(f"unknown protocol {protocol!r}: use FedSGD() or FedAvg(...)")
+
+
+def protocol_from_dict(data: Mapping) -> Protocol:
+    """Rebuild a protocol from :meth:`to_dict` output (e.g. read back from a metadata file)."""
+    name = data.get("name")
+    if name == "fedsgd":
+        return FedSGD()
+    if name == "fedavg":
+        return FedAvg(
+            local_steps=int(data.get("local_steps", 1)),
+            lr=float(data.get("lr", 0.1)),
+            local_batch_size=data.get("local_batch_size"),
+        )
+    raise ConfigError(f"unknown protocol name {name!r}: expected 'fedsgd' or 'fedavg'")

@@ -1,0 +1,130 @@
+"""A client's round of federated training, and what the server observes of it."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from gradinv.data.dataset import Normalization
+from gradinv.errors import ConfigError, ShapeError
+from gradinv.fl.functional import stateless_twin
+from gradinv.fl.protocols import FedSGD, LossFn, Protocol, client_update, cross_entropy
+from gradinv.types import GroundTruth, Knowledge, Observation, ThreatModel, named_state
+
+
+@dataclass(frozen=True, eq=False)
+class Scenario:
+    """What a client does: a model, its private batch, a loss and a training protocol.
+
+    ``inputs`` are normalised with ``normalization``; ``labels`` are class indices. :meth:`observe` gives what
+    an honest-but-curious server sees, :meth:`ground_truth` the private batch for scoring.
+    """
+
+    model: nn.Module
+    inputs: Tensor
+    labels: Tensor
+    protocol: Protocol = field(default_factory=FedSGD)
+    normalization: Normalization | None = None
+    threat: ThreatModel = field(default_factory=ThreatModel)
+    train_mode: bool = True
+    loss_fn: LossFn = cross_entropy
+
+    def __post_init__(self) -> None:
+        if self.inputs.ndim < 2:
+            raise ShapeError(f"inputs must be a batch (B, ...), got shape {tuple(self.inputs.shape)}")
+        if self.labels.shape != (self.inputs.shape[0],):
+            raise ShapeError(
+                f"labels must have shape ({self.inputs.shape[0]},) to match the batch, "
+                f"got {tuple(self.labels.shape)}"
+            )
+        if self.inputs.shape[0] < 1:
+            raise ConfigError("the client's batch is empty: give at least one sample")
+
+    @classmethod
+    def from_images(
+        cls,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        normalization: Normalization,
+        **options,
+    ) -> Scenario:
+        """A scenario from images in [0, 1], normalised with ``normalization`` as the client's pipeline does."""
+        return cls(model, normalization.normalize(images), labels, normalization=normalization, **options)
+
+    @property
+    def norm(self) -> Normalization:
+        return self.normalization or Normalization.identity(self.inputs.shape[1])
+
+    def observe(self) -> Observation:
+        """The server's view: the model as sent, the shared update by parameter name, and its knowledge."""
+        params, buffers = named_state(self.model)
+        twin = stateless_twin(self.model, train_mode=self.train_mode)
+        with torch.no_grad():
+            update = client_update(
+                self.protocol,
+                twin,
+                params,
+                {k: v.clone() for k, v in buffers.items()},
+                self.inputs.detach(),
+                self.labels,
+                loss_fn=self.loss_fn,
+            )
+        sent = copy.deepcopy(self.model)
+        t = self.threat
+        knowledge = Knowledge(
+            input_shape=tuple(self.inputs.shape[1:]) if t.known_input_shape else None,
+            num_samples=int(self.inputs.shape[0]) if t.known_num_samples else None,
+            labels=self.labels.clone() if t.known_labels else None,
+            normalization=self.norm if t.known_normalization else None,
+        )
+        return Observation(
+            model=sent,
+            parameters=params,
+            buffers=buffers,
+            update={k: v.detach() for k, v in update.items()},
+            protocol=self.protocol,
+            knowledge=knowledge,
+            train_mode=self.train_mode,
+        )
+
+    def ground_truth(self) -> GroundTruth:
+        """The private batch, for evaluation only."""
+        return GroundTruth(inputs=self.inputs.detach().clone(), labels=self.labels.clone(), normalization=self.norm)
+
+
+def observation_from_files(
+    model: nn.Module,
+    *,
+    update_path: str | Path,
+    weights_path: str | Path | None = None,
+    protocol: Protocol | None = None,
+    knowledge: Knowledge | None = None,
+    train_mode: bool = True,
+) -> Observation:
+    """An observation from files a real server holds: a saved model and a captured update (safetensors).
+
+    ``weights_path`` (optional) loads the parameters the model was sent with; ``update_path`` holds the
+    client's update keyed by parameter name. Both are checked against the model's parameter names and shapes.
+    """
+    from gradinv.io import load_state_into, load_update
+
+    model = copy.deepcopy(model)
+    if weights_path is not None:
+        load_state_into(model, weights_path)
+    params, buffers = named_state(model)
+    update = load_update(update_path, params)
+    return Observation(
+        model=model,
+        parameters=params,
+        buffers=buffers,
+        update=update,
+        protocol=protocol or FedSGD(),
+        knowledge=knowledge or Knowledge(),
+        train_mode=train_mode,
+    )

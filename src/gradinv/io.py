@@ -1,0 +1,116 @@
+"""Reading and writing models and updates as safetensors files keyed by parameter name.
+
+Nothing is unpickled: untrusted files (a client's update, a saved model) load through safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from gradinv.errors import UpdateFileError
+
+
+def _read(path: str | Path, what: str) -> dict[str, Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise UpdateFileError(f"{what} file '{p}' does not exist: pass the path of a .safetensors file")
+    try:
+        return load_file(str(p))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UpdateFileError(
+            f"{what} file '{p}' is not a readable safetensors file ({first}): save it with "
+            "safetensors.torch.save_file or `gradinv capture`"
+        ) from None
+
+
+def _check_keys(found: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str, path: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} parameter(s) such as {missing[:3]}")
+        if extra:
+            parts.append(f"{len(extra)} unknown name(s) such as {extra[:3]}")
+        raise UpdateFileError(
+            f"{what} file '{path}' does not match the model ({'; '.join(parts)}): "
+            "check --model and its options are the ones the file was saved for"
+        )
+    for name, t in expected.items():
+        if tuple(found[name].shape) != tuple(t.shape):
+            raise UpdateFileError(
+                f"{what} file '{path}': '{name}' has shape {tuple(found[name].shape)} but the model expects "
+                f"{tuple(t.shape)}: check --model, --image-size and the number of classes"
+            )
+        if not torch.isfinite(found[name]).all():
+            raise UpdateFileError(f"{what} file '{path}': '{name}' holds NaN or infinite values")
+
+
+def load_update(path: str | Path, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A captured update (gradient or weight delta), checked against the parameters it belongs to."""
+    tensors = _read(path, "update")
+    _check_keys(tensors, params, "update", Path(path))
+    return {k: tensors[k].to(params[k].dtype) for k in params}
+
+
+def load_state_into(model: nn.Module, path: str | Path) -> None:
+    """Load parameters (and buffers, if present) from a safetensors file into ``model``, checking names."""
+    tensors = _read(path, "weights")
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    _check_keys({k: v for k, v in tensors.items() if k in params or k not in buffers}, params, "weights", Path(path))
+    with torch.no_grad():
+        for name, t in tensors.items():
+            target = params.get(name, buffers.get(name))
+            target.copy_(t.to(target.dtype))
+
+
+def _atomic_save(tensors: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_update(update: Mapping[str, Tensor], path: str | Path, *, metadata: Mapping[str, Any] | None = None) -> None:
+    """Write an update keyed by parameter name (atomically); ``metadata`` is stored as JSON strings."""
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    _atomic_save(update, path, meta)
+
+
+def save_model(model: nn.Module, path: str | Path) -> None:
+    """Write a model's parameters and buffers keyed by name (atomically)."""
+    state = {k: v for k, v in model.state_dict().items()}
+    _atomic_save(state, path, None)
+
+
+def write_json_atomic(data: Any, path: str | Path) -> None:
+    """Write JSON so that a reader never sees a half-written file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

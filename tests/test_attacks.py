@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import grad, vmap
+
+from gradinv.attacks import ATTACKS, build_attack
+from gradinv.attacks.components.objectives import cosine
+from gradinv.attacks.components.replay import matching_cost
+from gradinv.attacks.labels import recover_labels
+from gradinv.data import sample_batch
+from gradinv.errors import AttackError, ConfigError, MissingKnowledgeError
+from gradinv.fl import FedAvg, Scenario
+from gradinv.metrics import score_images
+from gradinv.models import build_model
+from gradinv.types import Knowledge, ThreatModel
+
+
+def _scenario(ds, model, *, b=1, seed=0, **kw):
+    images, labels = sample_batch(ds, batch_size=b, seed=seed)
+    return Scenario.from_images(model, images, labels, normalization=ds.normalization, **kw)
+
+
+@pytest.mark.parametrize("source", ["digits32", "photos32"])
+def test_analytic_exact_on_mlp_batch1(source, request):
+    ds = request.getfixturevalue(source)
+    for seed in range(3):
+        sc = _scenario(ds, build_model("mlp", num_classes=ds.num_classes, seed=seed), seed=seed)
+        rec = build_attack("analytic").reconstruct(sc.observe())
+        psnr = score_images(rec.images, sc.ground_truth().images).mean_psnr
+        assert psnr >= 60, psnr
+        assert rec.labels.tolist() == sc.labels.tolist()
+
+
+def test_analytic_refuses_a_conv_first_layer(photos32):
+    sc = _scenario(photos32, build_model("lenet", num_classes=photos32.num_classes))
+    with pytest.raises(AttackError, match="fully connected"):
+        build_attack("analytic").reconstruct(sc.observe())
+
+
+def test_analytic_batch_of_distinct_labels_on_a_linear_model(digits32):
+    model = build_model("mlp", num_classes=10, hidden=(), seed=0)
+    images, labels = sample_batch(digits32, batch_size=4, seed=3, distinct_labels=True)
+    sc = Scenario.from_images(model, images, labels, normalization=digits32.normalization)
+    rec = build_attack("analytic").reconstruct(sc.observe())
+    assert sorted(rec.labels.tolist()) == sorted(labels.tolist())
+    # each input is dominated by its own sample: better than the batch mean as a guess
+    psnr = score_images(rec.images, sc.ground_truth().images).mean_psnr
+    mean_guess = sc.ground_truth().images.mean(0, keepdim=True).expand_as(images)
+    assert psnr > score_images(mean_guess, sc.ground_truth().images).mean_psnr
+
+
+@pytest.mark.parametrize("model_name", ["lenet", "convnet", "resnet18"])
+def test_idlg_label_rule_is_always_right_at_batch_one(model_name, photos32, digits32):
+    """At least 100 random (image, label, seed) cases per model, across both bundled sources."""
+    cases = 0
+    for seed in range(50):
+        for ds in (photos32, digits32):
+            model = build_model(model_name, num_classes=10, seed=seed, **({"width": 16} if model_name == "convnet" else {}))
+            sc = _scenario(ds, model, seed=seed)
+            assert recover_labels(sc.observe(), method="idlg").labels.tolist() == sc.labels.tolist()
+            cases += 1
+    assert cases >= 100
+
+
+def test_idlg_label_rule_without_bias_and_for_fedavg(digits32):
+    torch.manual_seed(0)
+    for seed in range(20):
+        model = build_model("mlp", num_classes=10, seed=seed, activation="tanh")
+        model.layers[-1].bias = None  # a classifier without bias, features of both signs
+        sc = _scenario(digits32, model, seed=seed)
+        assert recover_labels(sc.observe(), method="idlg").labels.tolist() == sc.labels.tolist()
+        sc2 = _scenario(digits32, build_model("lenet", num_classes=10, seed=seed), seed=seed,
+                        protocol=FedAvg(local_steps=1, lr=0.1))
+        assert recover_labels(sc2.observe(), method="idlg").labels.tolist() == sc2.labels.tolist()
+
+
+def test_yin_distinct_labels(digits32):
+    for seed in range(10):
+        images, labels = sample_batch(digits32, batch_size=6, seed=seed, distinct_labels=True)
+        sc = Scenario.from_images(build_model("lenet", num_classes=10, seed=seed), images, labels,
+                                  normalization=digits32.normalization)
+        assert recover_labels(sc.observe()).labels.tolist() == sorted(labels.tolist())
+
+
+def test_batched_restarts_equal_separate_runs(photos32):
+    """vmap over restarts computes exactly what a loop over restarts computes (oracle test)."""
+    sc = _scenario(photos32, build_model("convnet", num_classes=9, width=8, seed=0))
+    cost = matching_cost(sc.observe(), objective=cosine, tv_weight=1e-4)
+    xs = torch.randn(3, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    batched = vmap(grad(cost), in_dims=(0, None))(xs, sc.labels)
+    for r in range(3):
+        torch.testing.assert_close(batched[r], grad(cost)(xs[r], sc.labels), rtol=1e-4, atol=1e-7)
+
+
+def test_invgrad_lowers_the_matching_cost_and_is_deterministic(photos32):
+    sc = _scenario(photos32, build_model("convnet", num_classes=9, width=8, seed=0))
+    obs = sc.observe()
+    a = build_attack("invgrad", iterations=60, restarts=2, log_every=10)
+    r1 = a.reconstruct(obs, seed=5)
+    r2 = a.reconstruct(obs, seed=5)
+    assert torch.equal(r1.inputs, r2.inputs)
+    assert r1.trace[-1].cost < r1.trace[0].cost
+    assert len(r1.extras["restart_costs"]) == 2
+    assert r1.settings["label_source"] == "idlg"
+    lo = (0 - torch.tensor(photos32.mean)) / torch.tensor(photos32.std)
+    assert (r1.inputs >= lo.reshape(3, 1, 1) - 1e-6).all()  # box constraint
+
+
+def test_dlg_and_idlg_reduce_cost(digits32):
+    sc = _scenario(digits32, build_model("lenet", num_classes=10, seed=0))
+    for name in ("dlg", "idlg"):
+        rec = build_attack(name, iterations=15).reconstruct(sc.observe(), seed=0)
+        assert rec.trace[-1].cost < rec.trace[0].cost
+        assert rec.labels.shape == (1,)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_leaves_model_unchanged_and_no_hooks(name, digits32):
+    model = build_model("mlp" if name == "analytic" else "convnet", num_classes=10, seed=0,
+                        **({} if name == "analytic" else {"width": 8}))
+    sc = _scenario(digits32, model)
+    obs = sc.observe()
+    before = {k: v.clone() for k, v in obs.model.state_dict().items()}
+    kw = {} if name == "analytic" else {"iterations": 3}
+    build_attack(name, **kw).reconstruct(obs)
+    for k, v in obs.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for m in obs.model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+    for k, v in obs.parameters.items():
+        assert torch.equal(v, before[k])
+
+
+def test_attack_rejects_ground_truth_and_missing_knowledge(digits32):
+    sc = _scenario(digits32, build_model("mlp", num_classes=10))
+    with pytest.raises(TypeError):
+        build_attack("invgrad").reconstruct(sc.ground_truth())
+    obs = sc.observe()
+    blind = obs.with_knowledge(input_shape=None, num_samples=None)
+    with pytest.raises(MissingKnowledgeError, match="input_shape, num_samples"):
+        build_attack("invgrad").reconstruct(blind)
+    with pytest.raises(ConfigError):
+        build_attack("invgrad", no_such_setting=1)
+    with pytest.raises(ConfigError):
+        build_attack("nope")
+
+
+def test_known_labels_are_used(digits32):
+    sc = _scenario(digits32, build_model("lenet", num_classes=10), threat=ThreatModel(known_labels=True))
+    rec = build_attack("idlg", iterations=2).reconstruct(sc.observe())
+    assert rec.settings["label_source"] == "knowledge"
+    assert isinstance(sc.observe().knowledge, Knowledge)
