@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from gradinv.data import load_dataset
 
@@ -14,9 +13,3 @@ def photos32():
 @pytest.fixture(scope="session")
 def digits32():
     return load_dataset("digits", image_size=32, channels=3)
-
-
-@pytest.fixture(autouse=True)
-def _fixed_threads():
-    torch.set_num_threads(2)
-    yield

@@ -22,9 +22,7 @@ from gradinv.data import (
 from gradinv.errors import ConfigError, DataError
 
 
-def _save_rgb(
-    path: Path, size: tuple[int, int] = (20, 12), colour: tuple[int, int, int] = (200, 30, 90)
-) -> None:
+def _save_rgb(path: Path, size: tuple[int, int] = (20, 12), colour: tuple[int, int, int] = (200, 30, 90)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path)
 
@@ -272,9 +270,7 @@ def test_sample_batch() -> None:
     ids = torch.arange(6, dtype=torch.float32) / 5
     tiny = ImageDataset.from_tensors("tiny", ids.view(6, 1, 1, 1).expand(6, 1, 4, 4), torch.arange(6) % 3)
     xt, yt = sample_batch(tiny, batch_size=6, seed=3)
-    assert sorted(xt[:, 0, 0, 0].tolist()) == ids.tolist() and torch.equal(
-        yt, (xt[:, 0, 0, 0] * 5).round().long() % 3
-    )
+    assert sorted(xt[:, 0, 0, 0].tolist()) == ids.tolist() and torch.equal(yt, (xt[:, 0, 0, 0] * 5).round().long() % 3)
     _, yd = sample_batch(ds, batch_size=10, seed=1, distinct_labels=True)
     assert sorted(yd.tolist()) == list(range(10))
 

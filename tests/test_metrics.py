@@ -58,9 +58,7 @@ def test_mse_and_psnr_known_value():
     assert mse(x, y).shape == (2,)
     torch.testing.assert_close(mse(x, y), torch.full((2,), 0.01), rtol=1e-6, atol=0)
     torch.testing.assert_close(psnr(x, y), torch.full((2,), 20.0), rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(
-        psnr(x * 2, y * 2, data_range=2.0), torch.full((2,), 20.0), rtol=1e-6, atol=1e-5
-    )
+    torch.testing.assert_close(psnr(x * 2, y * 2, data_range=2.0), torch.full((2,), 20.0), rtol=1e-6, atol=1e-5)
 
 
 def test_psnr_per_sample_not_batch_mean():

@@ -1,3 +1,39 @@
-"""gradinv: gradient inversion attacks and defenses for federated learning."""
+"""gradinv: gradient inversion attacks and defenses for federated learning.
+
+``Scenario -> observe() -> Observation -> Attack.reconstruct() -> Reconstruction -> score_images()``
+"""
+
+from gradinv.attacks import ATTACKS, Attack, build_attack
+from gradinv.attacks.labels import recover_labels
+from gradinv.data import ImageDataset, Normalization, load_dataset, sample_batch
+from gradinv.errors import GradinvError
+from gradinv.fl import FedAvg, FedSGD, Scenario
+from gradinv.metrics import label_accuracy, score_images
+from gradinv.models import build_model, list_models
+from gradinv.types import GroundTruth, Knowledge, Observation, Reconstruction, ThreatModel
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "FedAvg",
+    "FedSGD",
+    "GradinvError",
+    "GroundTruth",
+    "ImageDataset",
+    "Knowledge",
+    "Normalization",
+    "Observation",
+    "Reconstruction",
+    "Scenario",
+    "ThreatModel",
+    "build_attack",
+    "build_model",
+    "label_accuracy",
+    "list_models",
+    "load_dataset",
+    "recover_labels",
+    "sample_batch",
+    "score_images",
+]

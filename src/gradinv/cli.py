@@ -56,6 +56,11 @@ def _add_run_options(p: argparse.ArgumentParser, *, model: str, data: str) -> No
     p.add_argument("--local-steps", type=_positive, help="FedAvg: local SGD steps (default: FedSGD)")
     p.add_argument("--local-lr", type=float, default=0.1, help="FedAvg: local learning rate (default 0.1)")
     p.add_argument("--local-batch-size", type=_positive, help="FedAvg: local batch size (default: full batch)")
+    p.add_argument(
+        "--train-mode",
+        action="store_true",
+        help="client computes its update in train mode (BatchNorm uses the private batch's statistics)",
+    )
     p.add_argument("--out", type=Path, help="output folder")
 
 
@@ -121,6 +126,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         num_classes=args.num_classes,
         known_labels=args.known_labels,
         protocol=_protocol(args),
+        train_mode=args.train_mode,
         progress=not args.quiet,
     )
     m = result.metrics
@@ -160,12 +166,22 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     )
     images, labels = sample_batch(ds, batch_size=args.batch_size, seed=args.seed)
     protocol = _protocol(args)
-    obs = Scenario.from_images(model, images, labels, normalization=ds.normalization, protocol=protocol).observe()
+    obs = Scenario.from_images(
+        model, images, labels, normalization=ds.normalization, protocol=protocol, train_mode=args.train_mode
+    ).observe()
     save_model(model, args.out / "weights.safetensors")
     save_update(obs.update, args.out / "update.safetensors", metadata={"protocol": protocol.to_dict()})
     write_json_atomic(
-        {"model": args.model, "data": str(data), "image_size": args.image_size, "batch_size": args.batch_size,
-         "seed": args.seed, "labels": labels.tolist(), "protocol": protocol.to_dict()},
+        {
+            "model": args.model,
+            "data": str(data),
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "labels": labels.tolist(),
+            "protocol": protocol.to_dict(),
+            "train_mode": args.train_mode,
+        },
         args.out / "capture.json",
     )
     print(f"wrote {args.out}/weights.safetensors, update.safetensors and capture.json")

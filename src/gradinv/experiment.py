@@ -23,7 +23,7 @@ from gradinv.metrics import ImageScores, label_accuracy, score_images
 from gradinv.models import MODELS, build_model, train_model
 from gradinv.types import GroundTruth, Knowledge, Observation, Reconstruction, ThreatModel
 
-ITERATIVE_OPTIONS = ("iterations", "restarts")
+TRAIN_BATCH_SIZE = 8  # --trained-steps: small batches keep a few hundred ResNet-18 steps near a minute on CPU
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,6 +63,7 @@ def prepare_model(
             images=dataset.normalization.normalize(dataset.images),
             labels=dataset.labels,
             steps=trained_steps,
+            batch_size=TRAIN_BATCH_SIZE,
             seed=seed,
         )
     return model
@@ -84,6 +85,7 @@ def run_attack(
     num_classes: int | None = None,
     known_labels: bool = False,
     protocol: Protocol | None = None,
+    train_mode: bool = False,
     progress: bool = False,
     callback=None,
 ) -> RunResult:
@@ -128,6 +130,7 @@ def run_attack(
             normalization=dataset.normalization,
             protocol=protocol,
             threat=ThreatModel(known_labels=known_labels),
+            train_mode=train_mode,
         )
         observation = scenario.observe()
         truth = scenario.ground_truth()
@@ -141,7 +144,9 @@ def run_attack(
             labels=truth.labels.clone() if known_labels and truth is not None else None,
             normalization=norm,
         )
-        observation = observation_from_files(net, update_path=update, protocol=protocol, knowledge=knowledge)
+        observation = observation_from_files(
+            net, update_path=update, protocol=protocol, knowledge=knowledge, train_mode=train_mode
+        )
 
     rec = attacker.reconstruct(observation, seed=seed, progress=progress, callback=callback)
     metrics: dict[str, Any] = {
@@ -156,6 +161,7 @@ def run_attack(
         "trained_steps": trained_steps,
         "protocol": protocol.to_dict(),
         "known_labels": known_labels,
+        "train_mode": train_mode,
         "label_source": rec.settings.get("label_source"),
         "psnr": None,
         "psnr_per_sample": None,

@@ -73,7 +73,7 @@ class Observation:
     update: Mapping[str, Tensor]
     protocol: Protocol = field(default_factory=_fedsgd)
     knowledge: Knowledge = field(default_factory=Knowledge)
-    train_mode: bool = True
+    train_mode: bool = False
 
     @property
     def update_kind(self) -> str:

@@ -119,9 +119,7 @@ def save_reconstruction_grid(
 
     def cell(row_top_in: float, col: int):
         left = side_w + col * (cell_w + gap)
-        ax = fig.add_axes(
-            (left / width, 1.0 - (row_top_in + cell_h) / height, cell_w / width, cell_h / height)
-        )
+        ax = fig.add_axes((left / width, 1.0 - (row_top_in + cell_h) / height, cell_w / width, cell_h / height))
         ax.set_xticks([])
         ax.set_yticks([])
         for spine in ax.spines.values():

@@ -109,7 +109,11 @@ class AnalyticFC(Attack):
             inputs=x,
             labels=labels,
             attack=self.name,
-            settings={"layer": name, "label_method": self.settings.label_method, "label_source": label_source},
+            settings={
+                "layer": name,
+                "label_method": self.settings.label_method,
+                "label_source": label_source,
+            },
             seconds=time.perf_counter() - start,
             normalization=k.normalization,
             extras={"float64_inputs": rows},

@@ -68,17 +68,13 @@ def load_dataset(source: str | Path, *, image_size: int = 32, channels: int | No
     if isinstance(image_size, bool) or not isinstance(image_size, int):
         raise ConfigError(f"image size must be an integer, got {image_size!r}")
     if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
-        raise ConfigError(
-            f"image size {image_size} is out of range: use {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels"
-        )
+        raise ConfigError(f"image size {image_size} is out of range: use {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels")
     if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
         raise ConfigError(f"channels must be 1 (grey), 3 (RGB) or None (keep), got {channels!r}")
 
     if isinstance(source, str) and source.strip().lower() in BUILTIN_SOURCES:
         key = source.strip().lower()
-        dataset = (
-            load_digits(image_size=image_size) if key == "digits" else load_photos(image_size=image_size)
-        )
+        dataset = load_digits(image_size=image_size) if key == "digits" else load_photos(image_size=image_size)
     elif isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.exists():

@@ -113,9 +113,7 @@ class ImageDataset:
             )
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= self.num_classes:
-            raise DataError(
-                f"dataset '{self.name}': labels must lie in 0..{self.num_classes - 1}, got {lo}..{hi}"
-            )
+            raise DataError(f"dataset '{self.name}': labels must lie in 0..{self.num_classes - 1}, got {lo}..{hi}")
         if len(self.mean) != c or len(self.std) != c:
             raise DataError(
                 f"dataset '{self.name}': mean/std need {c} values (one per channel), got "

@@ -61,8 +61,7 @@ def _read_image(path: Path) -> tuple[Tensor, bool]:
                     colour = True
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(
-            f"cannot read image '{path}': {exc}. Remove or replace this file (it may be corrupt or not "
-            "really an image)"
+            f"cannot read image '{path}': {exc}. Remove or replace this file (it may be corrupt or not really an image)"
         ) from exc
     if arr.shape[-1] == 0 or arr.shape[-2] == 0:
         raise DataError(f"image '{path}' is empty (0 pixels): remove it")
@@ -88,16 +87,14 @@ def load_folder(path: str | Path, *, image_size: int = 32) -> ImageDataset:
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(
-            f"data folder '{root}' does not exist: pass a folder of images, an .npz file, "
-            "'digits' or 'photos'"
+            f"data folder '{root}' does not exist: pass a folder of images, an .npz file, 'digits' or 'photos'"
         )
     if not root.is_dir():
         raise DataError(f"'{root}' is not a folder: pass a folder of images or an .npz file")
     entries = _visible(root)
     if not entries:
         raise DataError(
-            f"data folder '{root}' is empty: put images ({_EXT_HINT}) in it, or one sub-folder of images "
-            "per class"
+            f"data folder '{root}' is empty: put images ({_EXT_HINT}) in it, or one sub-folder of images per class"
         )
     loose = [p for p in entries if _is_image(p)]
     class_dirs = [p for p in entries if p.is_dir()]
@@ -131,9 +128,7 @@ def load_folder(path: str | Path, *, image_size: int = 32) -> ImageDataset:
         files, labels, class_names = loose, [0] * len(loose), (FLAT_CLASS_NAME,)
     images = _load_images(files, image_size)
     name = root.resolve().name or str(root)
-    return ImageDataset.from_tensors(
-        name, images, torch.tensor(labels, dtype=torch.int64), class_names=class_names
-    )
+    return ImageDataset.from_tensors(name, images, torch.tensor(labels, dtype=torch.int64), class_names=class_names)
 
 
 def _hidden_below(path: Path, top: Path) -> bool:
@@ -180,20 +175,17 @@ def load_npz(path: str | Path, *, image_size: int = 32) -> ImageDataset:
     source = Path(path).expanduser()
     if not source.exists():
         raise DataError(
-            f"data file '{source}' does not exist: pass a folder of images, an .npz file, "
-            "'digits' or 'photos'"
+            f"data file '{source}' does not exist: pass a folder of images, an .npz file, 'digits' or 'photos'"
         )
     try:
         archive = np.load(source, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(
-            f"cannot read '{source}' as an .npz archive ({exc}): save it with "
-            "np.savez(path, images=..., labels=...)"
+            f"cannot read '{source}' as an .npz archive ({exc}): save it with np.savez(path, images=..., labels=...)"
         ) from exc
     if not hasattr(archive, "files"):
         raise DataError(
-            f"'{source}' holds a single array, not an .npz archive: save it with "
-            "np.savez(path, images=..., labels=...)"
+            f"'{source}' holds a single array, not an .npz archive: save it with np.savez(path, images=..., labels=...)"
         )
     with archive:
         keys = list(archive.files)
@@ -213,33 +205,21 @@ def load_npz(path: str | Path, *, image_size: int = 32) -> ImageDataset:
             ) from exc
     images = _images_to_nchw(np.asarray(raw_images), source)
     if images.size == 0:
-        raise DataError(
-            f"'images' in '{source}' is empty (shape {np.shape(raw_images)}): store at least one image"
-        )
+        raise DataError(f"'images' in '{source}' is empty (shape {np.shape(raw_images)}): store at least one image")
     images = _scale_pixels(images, source)
     labels = np.asarray(raw_labels)
     n = images.shape[0]
     if labels.ndim != 1:
-        raise DataError(
-            f"'labels' in '{source}' has shape {labels.shape}: store a 1-D array (N,) of class ids"
-        )
+        raise DataError(f"'labels' in '{source}' has shape {labels.shape}: store a 1-D array (N,) of class ids")
     if labels.shape[0] != n:
-        raise DataError(
-            f"'{source}' has {n} images but {labels.shape[0]} labels: store exactly one label per image"
-        )
-    if (
-        np.issubdtype(labels.dtype, np.floating)
-        and np.isfinite(labels).all()
-        and (labels == labels.round()).all()
-    ):
+        raise DataError(f"'{source}' has {n} images but {labels.shape[0]} labels: store exactly one label per image")
+    if np.issubdtype(labels.dtype, np.floating) and np.isfinite(labels).all() and (labels == labels.round()).all():
         labels = labels.astype(np.int64)
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"'labels' in '{source}' has dtype {labels.dtype}: store integer class ids 0..K-1")
     labels = labels.astype(np.int64)
     if labels.min() < 0:
-        raise DataError(
-            f"'labels' in '{source}' has negative values (min {labels.min()}): use class ids 0..K-1"
-        )
+        raise DataError(f"'labels' in '{source}' has negative values (min {labels.min()}): use class ids 0..K-1")
     num_classes = int(labels.max()) + 1
     class_names = None
     if raw_names is not None:

@@ -22,6 +22,10 @@ class Scenario:
 
     ``inputs`` are normalised with ``normalization``; ``labels`` are class indices. :meth:`observe` gives what
     an honest-but-curious server sees, :meth:`ground_truth` the private batch for scoring.
+
+    ``train_mode=False`` (default) computes the update with BatchNorm using the running statistics the server
+    sent, as in Inverting Gradients' experiments (inversefed) and breaching when public buffers are sent;
+    ``train_mode=True`` normalises with the private batch's own statistics, which attacks must then replay.
     """
 
     model: nn.Module
@@ -30,7 +34,7 @@ class Scenario:
     protocol: Protocol = field(default_factory=FedSGD)
     normalization: Normalization | None = None
     threat: ThreatModel = field(default_factory=ThreatModel)
-    train_mode: bool = True
+    train_mode: bool = False
     loss_fn: LossFn = cross_entropy
 
     def __post_init__(self) -> None:
@@ -38,8 +42,7 @@ class Scenario:
             raise ShapeError(f"inputs must be a batch (B, ...), got shape {tuple(self.inputs.shape)}")
         if self.labels.shape != (self.inputs.shape[0],):
             raise ShapeError(
-                f"labels must have shape ({self.inputs.shape[0]},) to match the batch, "
-                f"got {tuple(self.labels.shape)}"
+                f"labels must have shape ({self.inputs.shape[0]},) to match the batch, got {tuple(self.labels.shape)}"
             )
         if self.inputs.shape[0] < 1:
             raise ConfigError("the client's batch is empty: give at least one sample")
@@ -105,7 +108,7 @@ def observation_from_files(
     weights_path: str | Path | None = None,
     protocol: Protocol | None = None,
     knowledge: Knowledge | None = None,
-    train_mode: bool = True,
+    train_mode: bool = False,
 ) -> Observation:
     """An observation from files a real server holds: a saved model and a captured update (safetensors).
 

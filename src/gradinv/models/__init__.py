@@ -65,9 +65,7 @@ def _check_options(name: str, builder: object, options: dict[str, object]) -> No
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         known = ", ".join(accepted) if accepted else "none"
-        raise ConfigError(
-            f"model {name!r} has no option {', '.join(map(repr, unknown))}; its options: {known}"
-        )
+        raise ConfigError(f"model {name!r} has no option {', '.join(map(repr, unknown))}; its options: {known}")
 
 
 def build_model(
@@ -111,15 +109,12 @@ def build_model(
         with torch.no_grad():
             out = model(torch.zeros(2, in_channels, image_size, image_size))
     except RuntimeError as err:
-        raise ShapeError(
-            f"model {name!r} cannot take {image_size}x{image_size} images ({sizes} work): {err}"
-        ) from err
+        raise ShapeError(f"model {name!r} cannot take {image_size}x{image_size} images ({sizes} work): {err}") from err
     finally:
         model.train(was_training)
     if tuple(out.shape) != (2, num_classes):
         raise ShapeError(
-            f"model {name!r} gives outputs of shape {tuple(out.shape)} for a batch of 2, "
-            f"expected (2, {num_classes})"
+            f"model {name!r} gives outputs of shape {tuple(out.shape)} for a batch of 2, expected (2, {num_classes})"
         )
     return model
 

@@ -43,9 +43,7 @@ class CNN6(nn.Module):
     ) -> None:
         super().__init__()
         if in_channels < 1 or num_classes < 1:
-            raise ConfigError(
-                f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}"
-            )
+            raise ConfigError(f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}")
         if activation not in ("leaky_relu", "sigmoid"):
             raise ConfigError(f"cnn6 activation must be 'leaky_relu' or 'sigmoid', got {activation!r}")
         layers: list[nn.Module] = []
@@ -63,6 +61,4 @@ class CNN6(nn.Module):
 
 @register_model("cnn6", summary="R-GAP CNN6: 6 bias-free convs, LeakyReLU(0.2), linear (Zhu & Blaschko 2021)")
 def _build(*, in_channels: int, num_classes: int, image_size: int, activation: str = "leaky_relu") -> CNN6:
-    return CNN6(
-        in_channels=in_channels, num_classes=num_classes, image_size=image_size, activation=activation
-    )
+    return CNN6(in_channels=in_channels, num_classes=num_classes, image_size=image_size, activation=activation)

@@ -19,20 +19,15 @@ class ConvNet(nn.Module):
     (``model.conv0.weight`` … ``model.linear.bias``), so its checkpoints load as they are.
     """
 
-    def __init__(
-        self, *, width: int = 64, in_channels: int = 3, num_classes: int = 10, image_size: int = 32
-    ) -> None:
+    def __init__(self, *, width: int = 64, in_channels: int = 3, num_classes: int = 10, image_size: int = 32) -> None:
         super().__init__()
         if width < 1 or in_channels < 1 or num_classes < 1:
             raise ConfigError(
-                "width, in_channels and num_classes must be positive, "
-                f"got {width}, {in_channels}, {num_classes}"
+                f"width, in_channels and num_classes must be positive, got {width}, {in_channels}, {num_classes}"
             )
         side = image_size // 3 // 3
         if side < 1:
-            raise ShapeError(
-                f"convnet needs images of at least 9x9 pixels (two 3x3 max-pools), got {image_size}"
-            )
+            raise ShapeError(f"convnet needs images of at least 9x9 pixels (two 3x3 max-pools), got {image_size}")
         channels = [
             in_channels,
             width,

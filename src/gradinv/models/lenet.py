@@ -19,13 +19,10 @@ class LeNet(nn.Module):
     def __init__(self, *, in_channels: int = 3, num_classes: int = 10, image_size: int = 32) -> None:
         super().__init__()
         if in_channels < 1 or num_classes < 1:
-            raise ConfigError(
-                f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}"
-            )
+            raise ConfigError(f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}")
         if image_size < 4 or image_size % 4:
             raise ShapeError(
-                f"lenet needs an image size that is a positive multiple of 4 (e.g. 28, 32, 64), "
-                f"got {image_size}"
+                f"lenet needs an image size that is a positive multiple of 4 (e.g. 28, 32, 64), got {image_size}"
             )
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, 12, kernel_size=5, padding=2, stride=2),

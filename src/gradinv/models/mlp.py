@@ -23,9 +23,7 @@ def make_activation(name: str) -> nn.Module:
     try:
         return ACTIVATIONS[name]()
     except KeyError:
-        raise ConfigError(
-            f"unknown activation {name!r}; choose one of {', '.join(sorted(ACTIVATIONS))}"
-        ) from None
+        raise ConfigError(f"unknown activation {name!r}; choose one of {', '.join(sorted(ACTIVATIONS))}") from None
 
 
 class MLP(nn.Module):
@@ -54,9 +52,7 @@ class MLP(nn.Module):
         self.activation_name = activation
         self.act = make_activation(activation)
         widths = [self.in_features, *(int(h) for h in hidden), int(num_classes)]
-        self.layers = nn.ModuleList(
-            nn.Linear(a, b, bias=bias) for a, b in zip(widths[:-1], widths[1:], strict=True)
-        )
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(widths[:-1], widths[1:], strict=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)

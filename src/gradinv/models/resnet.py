@@ -57,9 +57,7 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         if in_channels < 1 or num_classes < 1:
-            raise ConfigError(
-                f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}"
-            )
+            raise ConfigError(f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}")
         if len(blocks) != len(widths) or not blocks:
             raise ConfigError(f"blocks {tuple(blocks)} and widths {tuple(widths)} must be equally long")
         self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
@@ -95,9 +93,7 @@ class ResNet(nn.Module):
 
 def resnet18(*, in_channels: int = 3, num_classes: int = 10) -> ResNet:
     """ResNet-18 for 32x32 inputs: BasicBlock x [2, 2, 2, 2], widths 64-512, 11.2M parameters."""
-    return ResNet(
-        blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), in_channels=in_channels, num_classes=num_classes
-    )
+    return ResNet(blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), in_channels=in_channels, num_classes=num_classes)
 
 
 def resnet20(*, in_channels: int = 3, num_classes: int = 10) -> ResNet:

@@ -48,8 +48,7 @@ def train_model(
         raise ConfigError(f"momentum must lie in [0, 1), got {momentum!r}")
     if labels.ndim != 1 or images.shape[0] != labels.shape[0] or images.shape[0] == 0:
         raise ShapeError(
-            f"need N >= 1 images with N labels, got images {tuple(images.shape)} "
-            f"and labels {tuple(labels.shape)}"
+            f"need N >= 1 images with N labels, got images {tuple(images.shape)} and labels {tuple(labels.shape)}"
         )
     if steps == 0:
         return []
@@ -65,9 +64,7 @@ def train_model(
     losses: list[float] = []
     was_training = model.training
     cuda_devices = (
-        [device.index if device.index is not None else torch.cuda.current_device()]
-        if (device.type == "cuda")
-        else []
+        [device.index if device.index is not None else torch.cuda.current_device()] if (device.type == "cuda") else []
     )
     with torch.random.fork_rng(devices=cuda_devices):
         torch.random.default_generator.manual_seed(seed)

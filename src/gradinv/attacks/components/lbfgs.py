@@ -40,15 +40,13 @@ def lbfgs_match(
     if y0 is not None:
         y = y0.clone().requires_grad_(True)
         variables.append(y)
-    optimizer = torch.optim.LBFGS(
-        variables, lr=lr, max_iter=1, history_size=history_size, line_search_fn=line_search
-    )
+    optimizer = torch.optim.LBFGS(variables, lr=lr, max_iter=1, history_size=history_size, line_search_fn=line_search)
 
     def closure() -> Tensor:
         optimizer.zero_grad()
         value = cost(x, y)
         value.backward()
-        return value
+        return value.detach()
 
     best_cost = math.inf
     best_x, best_y = x.detach().clone(), None if y is None else y.detach().clone()

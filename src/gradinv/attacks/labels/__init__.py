@@ -20,8 +20,6 @@ def recover_labels(observation: Observation, *, method: str = "auto") -> LabelEs
     return LABEL_METHODS[method](observation)
 
 
-
-
 def labels_for(observation: Observation, *, method: str = "auto") -> tuple[torch.Tensor, str]:
     """The labels an attack should use: the threat model's if it gives them, else recovered by ``method``.
 

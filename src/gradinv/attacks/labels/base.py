@@ -45,10 +45,14 @@ def classifier_update(observation: Observation) -> ClassifierUpdate:
     try:
         w = observation.update[f"{name}.weight"]
     except KeyError:
-        raise AttackError(f"the update holds no '{name}.weight': label recovery needs the classifier's update") from None
+        raise AttackError(
+            f"the update holds no '{name}.weight': label recovery needs the classifier's update"
+        ) from None
     b = observation.update.get(f"{name}.bias")
     sign = -1.0 if observation.update_kind == "weight_delta" else 1.0
-    return ClassifierUpdate(layer=name, weight=sign * w.detach().double(), bias=None if b is None else sign * b.detach().double())
+    return ClassifierUpdate(
+        layer=name, weight=sign * w.detach().double(), bias=None if b is None else sign * b.detach().double()
+    )
 
 
 def num_samples(observation: Observation) -> int:

@@ -1,0 +1,228 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gradinv.cli import main
+
+FAST = ["--model", "mlp", "--data", "digits", "--quiet"]
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_list(capsys):
+    code, out, _ = _run(["list"], capsys)
+    assert code == 0
+    for name in (
+        "dlg",
+        "idlg",
+        "invgrad",
+        "analytic",
+        "lenet",
+        "convnet",
+        "resnet18",
+        "cnn6",
+        "digits",
+        "photos",
+    ):
+        assert name in out
+
+
+def test_attack_writes_metrics_and_picture(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = _run(["attack", "analytic", *FAST, "--out", str(out)], capsys)
+    assert code == 0, stdout
+    m = json.loads((out / "metrics.json").read_text())
+    for key in (
+        "attack",
+        "model",
+        "data",
+        "batch_size",
+        "image_size",
+        "iterations",
+        "restarts",
+        "seed",
+        "psnr",
+        "psnr_per_sample",
+        "ssim",
+        "label_accuracy",
+        "seconds",
+    ):
+        assert key in m
+    assert m["psnr"] >= 60 and m["label_accuracy"] == 1.0
+    assert (out / "reconstruction.png").stat().st_size > 1000
+
+
+def test_known_labels_gives_null_label_accuracy(tmp_path, capsys):
+    code, _, _ = _run(["attack", "idlg", *FAST, "--iterations", "2", "--known-labels", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["label_accuracy"] is None and m["label_source"] == "knowledge"
+
+
+def test_same_seed_same_numbers(tmp_path, capsys):
+    runs = []
+    for i in range(2):
+        d = tmp_path / f"r{i}"
+        argv = [
+            "attack",
+            "invgrad",
+            "--model",
+            "convnet",
+            "--data",
+            "photos",
+            "--iterations",
+            "4",
+            "--restarts",
+            "2",
+            "--seed",
+            "3",
+            "--quiet",
+            "--out",
+            str(d),
+        ]
+        assert _run(argv, capsys)[0] == 0
+        m = json.loads((d / "metrics.json").read_text())
+        m.pop("seconds")
+        runs.append(m)
+    assert runs[0] == runs[1]
+
+
+def test_capture_then_attack_the_files(tmp_path, capsys):
+    cap = tmp_path / "cap"
+    assert _run(["capture", "--model", "mlp", "--data", "photos", "--seed", "2", "--out", str(cap)], capsys)[0] == 0
+    out = tmp_path / "att"
+    argv = [
+        "attack",
+        "analytic",
+        "--model",
+        "mlp",
+        "--data",
+        "photos",
+        "--seed",
+        "2",
+        "--quiet",
+        "--weights",
+        str(cap / "weights.safetensors"),
+        "--update",
+        str(cap / "update.safetensors"),
+        "--out",
+        str(out),
+    ]
+    assert _run(argv, capsys)[0] == 0
+    assert json.loads((out / "metrics.json").read_text())["psnr"] >= 60
+    # without --data there is no truth: scoring is skipped
+    out2 = tmp_path / "blind"
+    argv = [
+        "attack",
+        "analytic",
+        "--model",
+        "mlp",
+        "--data",
+        "none",
+        "--num-classes",
+        "9",
+        "--quiet",
+        "--weights",
+        str(cap / "weights.safetensors"),
+        "--update",
+        str(cap / "update.safetensors"),
+        "--out",
+        str(out2),
+    ]
+    assert _run(argv, capsys)[0] == 0
+    m = json.loads((out2 / "metrics.json").read_text())
+    assert m["psnr"] is None and (out2 / "reconstruction.png").exists()
+
+
+def _bad_cases(tmp_path):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a safetensors file at all")
+    np.savez(tmp_path / "x.npz", images=np.zeros((3, 8, 8)), labels=np.zeros(3, dtype=int))
+    return {
+        "unknown attack": ["attack", "nope"],
+        "unknown model": ["attack", "invgrad", "--model", "vgg99"],
+        "missing data": ["attack", "invgrad", "--data", str(tmp_path / "missing")],
+        "batch too large": [
+            "attack",
+            "analytic",
+            "--model",
+            "mlp",
+            "--data",
+            str(tmp_path / "x.npz"),
+            "--batch-size",
+            "5",
+        ],
+        "image too small": ["attack", "invgrad", "--model", "convnet", "--image-size", "8"],
+        "corrupt update": ["attack", "analytic", "--model", "mlp", "--update", str(corrupt)],
+        "bad integer": ["attack", "invgrad", "--iterations", "-3"],
+    }
+
+
+def _exit_code(argv):
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        return exc.code
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown attack",
+        "unknown model",
+        "missing data",
+        "batch too large",
+        "image too small",
+        "corrupt update",
+        "bad integer",
+    ],
+)
+def test_user_mistakes_give_one_line_and_exit_2(case, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = _exit_code([*_bad_cases(tmp_path)[case], "--quiet", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err and err.startswith("gradinv: error:")
+    assert not out.exists()
+
+
+def test_mismatched_update_file(tmp_path, capsys):
+    cap = tmp_path / "cap"
+    assert _run(["capture", "--model", "mlp", "--data", "digits", "--out", str(cap)], capsys)[0] == 0
+    code, _, err = _run(
+        [
+            "attack",
+            "invgrad",
+            "--model",
+            "lenet",
+            "--data",
+            "digits",
+            "--quiet",
+            "--update",
+            str(cap / "update.safetensors"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
+    assert code == 2 and "does not match the model" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_console_script_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradinv.cli", "attack", "invgrad", "--data", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
