@@ -50,7 +50,8 @@ def _add_run_options(p: argparse.ArgumentParser, *, model: str, data: str) -> No
     p.add_argument("--image-size", type=_positive, default=32, help="image side in pixels (default 32)")
     p.add_argument("--batch-size", type=_positive, default=1, help="client batch size (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, model and attack (default 0)")
-    p.add_argument("--trained-steps", type=_nonneg, default=0, help="train the model this many steps first")
+    p.add_argument("--trained-steps", type=_nonneg, default=0, help="train the model this many SGD steps first")
+    p.add_argument("--train-data", default="digits", help="data for --trained-steps (default digits)")
     p.add_argument("--weights", type=Path, help="safetensors file with the model's parameters")
     p.add_argument("--num-classes", type=_positive, help="classes of the model (default: from the data)")
     p.add_argument("--local-steps", type=_positive, help="FedAvg: local SGD steps (default: FedSGD)")
@@ -121,6 +122,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         iterations=args.iterations,
         restarts=args.restarts,
         trained_steps=args.trained_steps,
+        train_data=args.train_data,
         weights=args.weights,
         update=args.update,
         num_classes=args.num_classes,
@@ -143,8 +145,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
-    from gradinv.data import load_dataset, sample_batch
-    from gradinv.experiment import prepare_model
+    from gradinv.experiment import setup_client
     from gradinv.fl import Scenario
     from gradinv.io import save_model, save_update, write_json_atomic
 
@@ -154,17 +155,18 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     data = _data(args)
     if data is None:
         raise ConfigError("capture simulates a client, so it needs --data")
-    ds = load_dataset(data, image_size=args.image_size, channels=3)
-    model = prepare_model(
-        args.model,
-        num_classes=args.num_classes or ds.num_classes,
+    client = setup_client(
+        model=args.model,
+        data=data,
         image_size=args.image_size,
+        batch_size=args.batch_size,
         seed=args.seed,
-        weights=args.weights,
         trained_steps=args.trained_steps,
-        dataset=ds,
+        train_data=args.train_data,
+        weights=args.weights,
+        num_classes=args.num_classes,
     )
-    images, labels = sample_batch(ds, batch_size=args.batch_size, seed=args.seed)
+    model, ds, images, labels = client.model, client.dataset, client.images, client.labels
     protocol = _protocol(args)
     obs = Scenario.from_images(
         model, images, labels, normalization=ds.normalization, protocol=protocol, train_mode=args.train_mode

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from gradinv.attacks import ATTACKS, build_attack
 from gradinv.data import load_dataset, sample_batch
@@ -47,7 +48,10 @@ def prepare_model(
     trained_steps: int = 0,
     dataset: ImageDataset | None = None,
 ) -> torch.nn.Module:
-    """Build a model by name, load saved weights or train it briefly on ``dataset`` if asked."""
+    """Build a model by name, load saved weights, and train it briefly on ``dataset`` if asked.
+
+    Labels of ``dataset`` beyond the model's classes are an error, not silently wrapped.
+    """
     if model_name not in MODELS:
         raise ConfigError(f"unknown model {model_name!r}: choose one of {', '.join(sorted(MODELS))}")
     if trained_steps < 0:
@@ -57,7 +61,12 @@ def prepare_model(
         load_state_into(model, weights)
     if trained_steps:
         if dataset is None:
-            raise ConfigError("--trained-steps needs --data to train on")
+            raise ConfigError("--trained-steps needs a data set to train on")
+        if dataset.num_classes > num_classes:
+            raise ConfigError(
+                f"the training data '{dataset.name}' has {dataset.num_classes} classes but the model {num_classes}: "
+                "raise --num-classes"
+            )
         train_model(
             model,
             images=dataset.normalization.normalize(dataset.images),
@@ -67,6 +76,62 @@ def prepare_model(
             seed=seed,
         )
     return model
+
+
+@dataclass(frozen=True, eq=False)
+class Client:
+    """A simulated client: its model (as the server sends it) and, when data is given, its private batch."""
+
+    model: torch.nn.Module
+    dataset: ImageDataset | None
+    images: Tensor | None
+    labels: Tensor | None
+
+
+def setup_client(
+    *,
+    model: str,
+    data: str | Path | None,
+    image_size: int,
+    batch_size: int,
+    seed: int,
+    trained_steps: int = 0,
+    train_data: str | Path = "digits",
+    weights: str | Path | None = None,
+    num_classes: int | None = None,
+) -> Client:
+    """Load the data, build (and optionally train or load) the model, and sample the client's batch.
+
+    ``trained_steps`` first trains the model on ``train_data`` (default: the bundled digits, 1,797 images), the
+    state a server sends mid-training; training on the attacked images themselves would make the model
+    memorise them and their gradients vanish. The model has ``num_classes`` classes, by default enough for
+    both data sets.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    dataset = load_dataset(data, image_size=image_size, channels=3) if data is not None else None
+    train_set = load_dataset(train_data, image_size=image_size, channels=3) if trained_steps else None
+    classes = num_classes or max(
+        dataset.num_classes if dataset is not None else 10, train_set.num_classes if train_set is not None else 0
+    )
+    net = prepare_model(
+        model,
+        num_classes=classes,
+        image_size=image_size,
+        seed=seed,
+        weights=weights,
+        trained_steps=trained_steps,
+        dataset=train_set,
+    )
+    images = labels = None
+    if dataset is not None:
+        images, labels = sample_batch(dataset, batch_size=batch_size, seed=seed)
+        if int(labels.max()) >= classes:
+            raise ConfigError(
+                f"the data has labels up to {int(labels.max())} but the model has {classes} classes: "
+                "raise --num-classes"
+            )
+    return Client(model=net, dataset=dataset, images=images, labels=labels)
 
 
 def run_attack(
@@ -80,6 +145,7 @@ def run_attack(
     iterations: int | None = None,
     restarts: int | None = None,
     trained_steps: int = 0,
+    train_data: str | Path = "digits",
     weights: str | Path | None = None,
     update: str | Path | None = None,
     num_classes: int | None = None,
@@ -89,11 +155,12 @@ def run_attack(
     progress: bool = False,
     callback=None,
 ) -> RunResult:
-    """Attack one client's batch and score the reconstruction (the ``gradinv attack`` command)."""
+    """Attack one client's batch and score the reconstruction (the ``gradinv attack`` command).
+
+    The client is built by :func:`setup_client`; with ``update`` the observation comes from captured files.
+    """
     if attack not in ATTACKS:
         raise ConfigError(f"unknown attack {attack!r}: choose one of {', '.join(sorted(ATTACKS))}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     overrides = {}
     for key, value in (("iterations", iterations), ("restarts", restarts)):
         if value is not None:
@@ -104,22 +171,19 @@ def run_attack(
     attacker = build_attack(attack, **overrides)
     protocol = protocol or FedSGD()
 
-    dataset = load_dataset(data, image_size=image_size, channels=3) if data is not None else None
-    classes = num_classes or (dataset.num_classes if dataset is not None else 10)
-    net = prepare_model(
-        model,
-        num_classes=classes,
+    client = setup_client(
+        model=model,
+        data=data,
         image_size=image_size,
+        batch_size=batch_size,
         seed=seed,
-        weights=weights,
         trained_steps=trained_steps,
-        dataset=dataset,
+        train_data=train_data,
+        weights=weights,
+        num_classes=num_classes,
     )
+    net, dataset, images, labels = client.model, client.dataset, client.images, client.labels
     truth: GroundTruth | None = None
-    if dataset is not None:
-        images, labels = sample_batch(dataset, batch_size=batch_size, seed=seed)
-        if int(labels.max()) >= classes:
-            raise ConfigError(f"the data has labels up to {int(labels.max())} but the model has {classes} classes")
     if update is None:
         if dataset is None:
             raise ConfigError("without --update the client's batch must come from --data")
@@ -159,6 +223,7 @@ def run_attack(
         "restarts": getattr(attacker.settings, "restarts", None),
         "seed": seed,
         "trained_steps": trained_steps,
+        "train_data": str(train_data) if trained_steps else None,
         "protocol": protocol.to_dict(),
         "known_labels": known_labels,
         "train_mode": train_mode,

@@ -26,9 +26,11 @@ from gradinv.types import Observation, Reconstruction
 
 @dataclass(frozen=True)
 class LBFGSMatchingSettings:
-    """DLG's settings: L-BFGS with lr 1, Euclidean distance, 300 iterations."""
+    """DLG's settings: 300 L-BFGS steps (each up to 20 inner iterations, torch's default used by DLG's code),
+    lr 1, Euclidean distance."""
 
     iterations: int = 300
+    inner_iterations: int = 20
     restarts: int = 1
     lr: float = 1.0
     history_size: int = 100
@@ -80,6 +82,7 @@ class _LBFGSAttack(Attack):
                 x0,
                 y0,
                 iterations=s.iterations,
+                inner_iterations=s.inner_iterations,
                 lr=s.lr,
                 history_size=s.history_size,
                 line_search=s.line_search,

@@ -20,6 +20,7 @@ def lbfgs_match(
     y0: Tensor | None,
     *,
     iterations: int,
+    inner_iterations: int,
     lr: float,
     history_size: int,
     line_search: str | None,
@@ -29,8 +30,10 @@ def lbfgs_match(
     callback: Callback | None,
     start: float,
 ) -> tuple[Tensor, Tensor | None, float, list[TracePoint]]:
-    """Minimise ``cost(x, y)`` over ``x`` (and ``y`` when given) with L-BFGS, one iteration per step.
+    """Minimise ``cost(x, y)`` over ``x`` (and ``y`` when given) with ``iterations`` L-BFGS steps.
 
+    Each step runs up to ``inner_iterations`` L-BFGS iterations, as ``torch.optim.LBFGS.step`` does in DLG's
+    reference code (its default of 20).
     Returns the best point seen (lowest cost; a diverging run keeps its last finite point), its cost and
     the trace.
     """
@@ -40,7 +43,9 @@ def lbfgs_match(
     if y0 is not None:
         y = y0.clone().requires_grad_(True)
         variables.append(y)
-    optimizer = torch.optim.LBFGS(variables, lr=lr, max_iter=1, history_size=history_size, line_search_fn=line_search)
+    optimizer = torch.optim.LBFGS(
+        variables, lr=lr, max_iter=inner_iterations, history_size=history_size, line_search_fn=line_search
+    )
 
     def closure() -> Tensor:
         optimizer.zero_grad()
