@@ -1,7 +1,9 @@
-"""The README's main job: Inverting Gradients on a bundled photo against a ResNet.
+"""The README's main job: Inverting Gradients on a bundled photo against a ResNet-18.
 
-Runs in about a minute on two CPU cores and writes ``reconstruction.png`` (truth above reconstruction) and
-``metrics.json`` to ``runs/demo/``.
+An untrained CIFAR-style ResNet-18 (eval-mode BatchNorm), one 32x32 photo, its label recovered from the
+gradient (iDLG), then Inverting Gradients with a stronger total-variation prior than the paper's 1e-4: at a
+budget of a few hundred iterations (about a minute on two CPU cores) the paper's weight leaves ResNet
+reconstructions noisy. Writes ``reconstruction.png`` (truth above reconstruction) and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from gradinv.experiment import run_attack, save_run
 
 DEMO = {
     "attack": "invgrad",
-    "model": "resnet20",
+    "model": "resnet18",
     "data": "photos",
     "image_size": 32,
     "batch_size": 1,
-    "iterations": 1000,
-    "seed": 2,
+    "iterations": 300,
+    "seed": 0,
+    "attack_settings": {"tv_weight": 1e-2},
 }
 
 

@@ -6,6 +6,7 @@ The CLI and the benchmarks are thin layers over :func:`run_attack`; results are 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,7 @@ def run_attack(
     seed: int = 0,
     iterations: int | None = None,
     restarts: int | None = None,
+    attack_settings: Mapping[str, Any] | None = None,
     trained_steps: int = 0,
     train_data: str | Path = "digits",
     weights: str | Path | None = None,
@@ -158,10 +160,11 @@ def run_attack(
     """Attack one client's batch and score the reconstruction (the ``gradinv attack`` command).
 
     The client is built by :func:`setup_client`; with ``update`` the observation comes from captured files.
+    ``attack_settings`` overrides the attack's other settings by name (e.g. ``{"tv_weight": 1e-2}``).
     """
     if attack not in ATTACKS:
         raise ConfigError(f"unknown attack {attack!r}: choose one of {', '.join(sorted(ATTACKS))}")
-    overrides = {}
+    overrides = dict(attack_settings or {})
     for key, value in (("iterations", iterations), ("restarts", restarts)):
         if value is not None:
             if value < 1:
