@@ -30,8 +30,10 @@ test: lint
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# About an hour on 2 CPU cores; results land in bench/results/.
 bench: $(STAMP)
 	$(PY) bench/restarts.py
+	$(PY) bench/time_to_psnr.py
 	$(PY) bench/invgrad_quality.py
 
 clean:

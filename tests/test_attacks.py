@@ -167,3 +167,20 @@ def test_known_labels_are_used(digits32):
     rec = build_attack("idlg", iterations=2).reconstruct(sc.observe())
     assert rec.settings["label_source"] == "knowledge"
     assert isinstance(sc.observe().knowledge, Knowledge)
+
+
+def test_run_attack_passes_attack_settings():
+    from gradinv.experiment import run_attack
+
+    r = run_attack("invgrad", model="lenet", data="digits", iterations=2, attack_settings={"tv_weight": 0.5})
+    assert r.reconstruction.settings["tv_weight"] == 0.5 and r.metrics["iterations"] == 2
+
+
+def test_any_user_module_works_through_the_api(digits32):
+    from torch import nn
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 32 * 32, 10))
+    sc = _scenario(digits32, net, seed=4)
+    rec = build_attack("invgrad", iterations=20, log_every=5).reconstruct(sc.observe())
+    assert rec.labels.tolist() == sc.labels.tolist()
+    assert rec.trace[-1].cost < rec.trace[0].cost

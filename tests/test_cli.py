@@ -226,3 +226,21 @@ def test_console_script_has_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_trained_model_and_train_mode_options(tmp_path, capsys):
+    out = tmp_path / "t"
+    argv = ["attack", "idlg", *FAST, "--iterations", "1", "--trained-steps", "5", "--train-mode", "--out", str(out)]
+    assert _run(argv, capsys)[0] == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["trained_steps"] == 5 and m["train_data"] == "digits" and m["train_mode"] is True
+    assert m["label_accuracy"] == 1.0
+
+
+def test_fedavg_options_reach_the_protocol(tmp_path, capsys):
+    out = tmp_path / "f"
+    argv = ["attack", "analytic", *FAST, "--local-steps", "1", "--local-lr", "0.05", "--out", str(out)]
+    assert _run(argv, capsys)[0] == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["protocol"] == {"name": "fedavg", "local_steps": 1, "lr": 0.05, "local_batch_size": None}
+    assert m["psnr"] >= 60  # one full-batch step: the delta is a scaled gradient, the ratio rule still holds

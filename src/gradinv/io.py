@@ -6,8 +6,6 @@ Nothing is unpickled: untrusted files (a client's update, a saved model) load th
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from gradinv._atomic import atomic_path
 from gradinv.errors import UpdateFileError
 
 
@@ -77,16 +76,8 @@ def load_state_into(model: nn.Module, path: str | Path) -> None:
 
 
 def _atomic_save(tensors: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def save_update(update: Mapping[str, Tensor], path: str | Path, *, metadata: Mapping[str, Any] | None = None) -> None:
@@ -103,14 +94,5 @@ def save_model(model: nn.Module, path: str | Path) -> None:
 
 def write_json_atomic(data: Any, path: str | Path) -> None:
     """Write JSON so that a reader never sees a half-written file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")

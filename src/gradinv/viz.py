@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradinv._atomic import atomic_path
 from gradinv.errors import ShapeError
 
 if TYPE_CHECKING:
@@ -43,18 +43,10 @@ def _new_figure(width_in: float, height_in: float) -> Figure:
 def _save_atomic(fig: Figure, path: str | os.PathLike[str]) -> Path:
     """Render ``fig`` to ``path`` (format from the suffix, PNG by default) via a temp file + os.replace."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     fmt = target.suffix.lstrip(".").lower() or "png"
-    # Not tempfile.mkstemp: its 0600 mode would carry over to the final file; "xb" honours the umask.
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as fh:
-            # 'tight' fits the canvas to what is drawn, so a long title is never cut off.
-            fig.savefig(fh, format=fmt, dpi=_DPI, bbox_inches="tight", pad_inches=0.05)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as tmp, open(tmp, "xb") as fh:
+        # 'tight' fits the canvas to what is drawn, so a long title is never cut off.
+        fig.savefig(fh, format=fmt, dpi=_DPI, bbox_inches="tight", pad_inches=0.05)
     return target
 
 
