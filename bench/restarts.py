@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from _common import median_seconds, photo_case, write_results
 from gradinv.attacks import build_attack
 
@@ -22,6 +24,14 @@ def main() -> None:
     _, scenario = photo_case(width=args.width)
     obs = scenario.observe()
     it = args.iterations
+    model = scenario.model.eval()
+    x, y = scenario.inputs, scenario.labels
+
+    def training_step() -> None:
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+    t_step = median_seconds(training_step, repeats=10 * args.repeats)
     rows = []
     for r in (1, 4, 8):
         batched = build_attack("invgrad", iterations=it, restarts=r)
@@ -39,6 +49,7 @@ def main() -> None:
                 "speedup": t_seq / t_batched,
             }
         )
+    t_iter = rows[0]["batched_s_per_iter"]
     lines = [
         f"Inverting Gradients, ConvNet width {args.width}, 32x32, batch 1; "
         f"median of {args.repeats} runs of {it} iterations",
@@ -51,11 +62,13 @@ def main() -> None:
             f"| {row['restarts']} | {row['batched_s_per_iter']:.3f} | {row['sequential_s_per_iter']:.3f} | "
             f"{row['batched_s_per_iter_per_restart']:.3f} | {row['speedup']:.2f}x |"
         )
-    write_results(
-        "restarts",
-        {"iterations": it, "repeats": args.repeats, "width": args.width, "rows": rows},
-        "\n".join(lines),
-    )
+    lines += [
+        "",
+        f"One training step (forward + backward, batch 1): {t_step:.3f} s; one attack iteration (R = 1): "
+        f"{t_iter:.3f} s = {t_iter / t_step:.1f} training steps.",
+    ]
+    payload = {"iterations": it, "repeats": args.repeats, "width": args.width, "rows": rows, "train_step_s": t_step}
+    write_results("restarts", payload, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ def run_attack(
         if value is not None:
             if value < 1:
                 raise ConfigError(f"--{key} must be >= 1, got {value}")
-            if key in {f for f in ATTACKS[attack].Settings.__dataclass_fields__}:
+            if key in ATTACKS[attack].Settings.__dataclass_fields__:
                 overrides[key] = value
     attacker = build_attack(attack, **overrides)
     protocol = protocol or FedSGD()
