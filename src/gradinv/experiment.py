@@ -241,6 +241,7 @@ def run_attack(
         "labels_recovered": rec.labels.tolist() if rec.labels is not None else None,
         "seconds": round(rec.seconds, 3),
         "final_cost": rec.trace[-1].cost if rec.trace else None,
+        "details": {k: v for k, v in rec.extras.items() if isinstance(v, int | float | list)},
     }
     scores = None
     if truth is not None:

@@ -74,10 +74,11 @@ class _LBFGSAttack(Attack):
         best = None
         restart_costs = []
         trace = []
+        counts = {"lbfgs_iterations": 0, "evaluations": 0}
         for r in range(s.restarts):
             x0 = torch.randn((k.num_samples, *k.input_shape), generator=generator)
             y0 = None if labels is not None else torch.randn((k.num_samples, num_classes), generator=generator)
-            x, y, value, run_trace = lbfgs_match(
+            x, y, value, run_trace, run_counts = lbfgs_match(
                 cost,
                 x0,
                 y0,
@@ -93,6 +94,7 @@ class _LBFGSAttack(Attack):
                 start=start,
             )
             restart_costs.append(value)
+            counts = {k: counts[k] + run_counts[k] for k in counts}
             trace.extend(run_trace)
             if best is None or value < best[2]:
                 best = (x, y, value, r)
@@ -106,7 +108,7 @@ class _LBFGSAttack(Attack):
             seconds=time.perf_counter() - start,
             normalization=k.normalization,
             trace=tuple(trace),
-            extras={"restart_costs": restart_costs, "best_restart": best_restart},
+            extras={"restart_costs": restart_costs, "best_restart": best_restart, **counts},
         )
 
 

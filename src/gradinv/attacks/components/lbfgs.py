@@ -29,13 +29,13 @@ def lbfgs_match(
     progress: bool,
     callback: Callback | None,
     start: float,
-) -> tuple[Tensor, Tensor | None, float, list[TracePoint]]:
+) -> tuple[Tensor, Tensor | None, float, list[TracePoint], dict[str, int]]:
     """Minimise ``cost(x, y)`` over ``x`` (and ``y`` when given) with ``iterations`` L-BFGS steps.
 
     Each step runs up to ``inner_iterations`` L-BFGS iterations, as ``torch.optim.LBFGS.step`` does in DLG's
     reference code (its default of 20).
-    Returns the best point seen (lowest cost; a diverging run keeps its last finite point), its cost and
-    the trace.
+    Returns the best point seen (lowest cost; a diverging run keeps its last finite point), its cost, the
+    trace, and the counts of inner L-BFGS iterations and cost evaluations.
     """
     x = x0.clone().requires_grad_(True)
     variables = [x]
@@ -76,4 +76,6 @@ def lbfgs_match(
     if math.isfinite(final) and final < best_cost:
         best_cost, best_x = final, x.detach().clone()
         best_y = None if y is None else y.detach().clone()
-    return best_x, best_y, best_cost, trace
+    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    counts = {"lbfgs_iterations": int(state.get("n_iter", 0)), "evaluations": int(state.get("func_evals", 0))}
+    return best_x, best_y, best_cost, trace, counts
