@@ -244,3 +244,40 @@ def test_fedavg_options_reach_the_protocol(tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert m["protocol"] == {"name": "fedavg", "local_steps": 1, "lr": 0.05, "local_batch_size": None}
     assert m["psnr"] >= 60  # one full-batch step: the delta is a scaled gradient, the ratio rule still holds
+
+
+def test_update_file_carries_its_protocol(tmp_path, capsys):
+    cap = tmp_path / "cap"
+    argv = [
+        "capture",
+        "--model",
+        "mlp",
+        "--data",
+        "photos",
+        "--local-steps",
+        "1",
+        "--local-lr",
+        "0.2",
+        "--out",
+        str(cap),
+    ]
+    assert _run(argv, capsys)[0] == 0
+    out = tmp_path / "a"
+    argv = [
+        "attack",
+        "analytic",
+        "--model",
+        "mlp",
+        "--data",
+        "photos",
+        "--quiet",
+        "--out",
+        str(out),
+        "--weights",
+        str(cap / "weights.safetensors"),
+        "--update",
+        str(cap / "update.safetensors"),
+    ]
+    assert _run(argv, capsys)[0] == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["protocol"]["name"] == "fedavg" and m["protocol"]["lr"] == 0.2

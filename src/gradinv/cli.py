@@ -54,7 +54,9 @@ def _add_run_options(p: argparse.ArgumentParser, *, model: str, data: str) -> No
     p.add_argument("--train-data", default="digits", help="data for --trained-steps (default digits)")
     p.add_argument("--weights", type=Path, help="safetensors file with the model's parameters")
     p.add_argument("--num-classes", type=_positive, help="classes of the model (default: from the data)")
-    p.add_argument("--local-steps", type=_positive, help="FedAvg: local SGD steps (default: FedSGD)")
+    p.add_argument(
+        "--local-steps", type=_positive, help="FedAvg: local SGD steps (default: FedSGD, or an update file's protocol)"
+    )
     p.add_argument("--local-lr", type=float, default=0.1, help="FedAvg: local learning rate (default 0.1)")
     p.add_argument("--local-batch-size", type=_positive, help="FedAvg: local batch size (default: full batch)")
     p.add_argument(
@@ -95,7 +97,7 @@ def _protocol(args: argparse.Namespace):
     from gradinv.fl import FedAvg, FedSGD
 
     if args.local_steps is None:
-        return FedSGD()
+        return None if getattr(args, "update", None) else FedSGD()
     return FedAvg(local_steps=args.local_steps, lr=args.local_lr, local_batch_size=args.local_batch_size)
 
 

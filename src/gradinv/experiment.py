@@ -19,8 +19,8 @@ from gradinv.data import load_dataset, sample_batch
 from gradinv.data.dataset import ImageDataset, Normalization
 from gradinv.errors import ConfigError
 from gradinv.fl import FedSGD, Scenario, observation_from_files
-from gradinv.fl.protocols import Protocol
-from gradinv.io import load_state_into, write_json_atomic
+from gradinv.fl.protocols import Protocol, protocol_from_dict
+from gradinv.io import load_state_into, update_metadata, write_json_atomic
 from gradinv.metrics import ImageScores, label_accuracy, score_images
 from gradinv.models import MODELS, build_model, train_model
 from gradinv.types import GroundTruth, Knowledge, Observation, Reconstruction, ThreatModel
@@ -159,7 +159,8 @@ def run_attack(
 ) -> RunResult:
     """Attack one client's batch and score the reconstruction (the ``gradinv attack`` command).
 
-    The client is built by :func:`setup_client`; with ``update`` the observation comes from captured files.
+    The client is built by :func:`setup_client`; with ``update`` the observation comes from captured files
+    (their protocol from the file's metadata unless ``protocol`` is given).
     ``attack_settings`` overrides the attack's other settings by name (e.g. ``{"tv_weight": 1e-2}``).
     """
     if attack not in ATTACKS:
@@ -172,6 +173,9 @@ def run_attack(
             if key in ATTACKS[attack].Settings.__dataclass_fields__:
                 overrides[key] = value
     attacker = build_attack(attack, **overrides)
+    if protocol is None and update is not None:
+        saved = update_metadata(update).get("protocol")
+        protocol = protocol_from_dict(saved) if isinstance(saved, dict) else None
     protocol = protocol or FedSGD()
 
     client = setup_client(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -61,6 +61,20 @@ def load_update(path: str | Path, params: Mapping[str, Tensor]) -> dict[str, Ten
     tensors = _read(path, "update")
     _check_keys(tensors, params, "update", Path(path))
     return {k: tensors[k].to(params[k].dtype) for k in params}
+
+
+def update_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata stored with an update by :func:`save_update` (e.g. its protocol); ``{}`` if none."""
+    _read(path, "update")  # same checks and messages as loading it
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    out = {}
+    for key, value in meta.items():
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def load_state_into(model: nn.Module, path: str | Path) -> None:
