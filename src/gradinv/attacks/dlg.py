@@ -17,9 +17,8 @@ from torch import Tensor
 
 from gradinv.attacks.base import Attack, Callback, register_attack
 from gradinv.attacks.components.lbfgs import lbfgs_match
-from gradinv.attacks.components.objectives import OBJECTIVES
+from gradinv.attacks.components.objectives import OBJECTIVES, check_matching_settings
 from gradinv.attacks.components.replay import matching_cost
-from gradinv.errors import ConfigError
 from gradinv.models import classifier_layer
 from gradinv.types import Observation, Reconstruction
 
@@ -58,10 +57,7 @@ class _LBFGSAttack(Attack):
         callback: Callback | None,
     ) -> Reconstruction:
         s = self.settings
-        if s.iterations < 1 or s.restarts < 1:
-            raise ConfigError(f"{self.name} needs iterations >= 1 and restarts >= 1")
-        if s.objective not in OBJECTIVES:
-            raise ConfigError(f"unknown objective {s.objective!r}: choose one of {sorted(OBJECTIVES)}")
+        check_matching_settings(self.name, s)
         start = time.perf_counter()
         k = observation.knowledge
         labels, label_source = self._labels(observation)

@@ -18,10 +18,9 @@ from torch.func import grad_and_value, vmap
 from tqdm.auto import tqdm
 
 from gradinv.attacks.base import Attack, Callback, register_attack
-from gradinv.attacks.components.objectives import OBJECTIVES
+from gradinv.attacks.components.objectives import OBJECTIVES, check_matching_settings
 from gradinv.attacks.components.replay import box_bounds, matching_cost
 from gradinv.attacks.labels import labels_for
-from gradinv.errors import ConfigError
 from gradinv.types import Observation, Reconstruction, TracePoint
 
 
@@ -57,10 +56,7 @@ class InvertingGradients(Attack):
         callback: Callback | None,
     ) -> Reconstruction:
         s = self.settings
-        if s.iterations < 1 or s.restarts < 1:
-            raise ConfigError("invgrad needs iterations >= 1 and restarts >= 1")
-        if s.objective not in OBJECTIVES:
-            raise ConfigError(f"unknown objective {s.objective!r}: choose one of {sorted(OBJECTIVES)}")
+        check_matching_settings(self.name, s)
         start = time.perf_counter()
         k = observation.knowledge
         labels, label_source = labels_for(observation, method=s.label_method)

@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
+from gradinv.errors import ConfigError
+
 Objective = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Tensor]
 
 
@@ -24,3 +26,11 @@ def cosine(candidate: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Ten
 
 
 OBJECTIVES: dict[str, Objective] = {"euclidean": euclidean, "cosine": cosine}
+
+
+def check_matching_settings(name: str, settings) -> None:
+    """Reject iteration counts below one and unknown objectives before an attack starts."""
+    if settings.iterations < 1 or settings.restarts < 1:
+        raise ConfigError(f"{name} needs iterations >= 1 and restarts >= 1")
+    if settings.objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {settings.objective!r}: choose one of {sorted(OBJECTIVES)}")
