@@ -96,48 +96,22 @@ def test_same_seed_same_numbers(tmp_path, capsys):
     assert runs[0] == runs[1]
 
 
+def _attack_files(cap, out, *options):
+    """argv attacking the weights and update that `gradinv capture` wrote to ``cap`` with the analytic attack."""
+    files = ["--weights", str(cap / "weights.safetensors"), "--update", str(cap / "update.safetensors")]
+    return ["attack", "analytic", "--model", "mlp", "--quiet", *files, "--out", str(out), *options]
+
+
 def test_capture_then_attack_the_files(tmp_path, capsys):
     cap = tmp_path / "cap"
     assert _run(["capture", "--model", "mlp", "--data", "photos", "--seed", "2", "--out", str(cap)], capsys)[0] == 0
     out = tmp_path / "att"
-    argv = [
-        "attack",
-        "analytic",
-        "--model",
-        "mlp",
-        "--data",
-        "photos",
-        "--seed",
-        "2",
-        "--quiet",
-        "--weights",
-        str(cap / "weights.safetensors"),
-        "--update",
-        str(cap / "update.safetensors"),
-        "--out",
-        str(out),
-    ]
+    argv = _attack_files(cap, out, "--data", "photos", "--seed", "2")
     assert _run(argv, capsys)[0] == 0
     assert json.loads((out / "metrics.json").read_text())["psnr"] >= 60
     # without --data there is no truth: scoring is skipped
     out2 = tmp_path / "blind"
-    argv = [
-        "attack",
-        "analytic",
-        "--model",
-        "mlp",
-        "--data",
-        "none",
-        "--num-classes",
-        "9",
-        "--quiet",
-        "--weights",
-        str(cap / "weights.safetensors"),
-        "--update",
-        str(cap / "update.safetensors"),
-        "--out",
-        str(out2),
-    ]
+    argv = _attack_files(cap, out2, "--data", "none", "--num-classes", "9")
     assert _run(argv, capsys)[0] == 0
     m = json.loads((out2 / "metrics.json").read_text())
     assert m["psnr"] is None and (out2 / "reconstruction.png").exists()
@@ -263,21 +237,7 @@ def test_update_file_carries_its_protocol(tmp_path, capsys):
     ]
     assert _run(argv, capsys)[0] == 0
     out = tmp_path / "a"
-    argv = [
-        "attack",
-        "analytic",
-        "--model",
-        "mlp",
-        "--data",
-        "photos",
-        "--quiet",
-        "--out",
-        str(out),
-        "--weights",
-        str(cap / "weights.safetensors"),
-        "--update",
-        str(cap / "update.safetensors"),
-    ]
+    argv = _attack_files(cap, out, "--data", "photos")
     assert _run(argv, capsys)[0] == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["protocol"]["name"] == "fedavg" and m["protocol"]["lr"] == 0.2

@@ -9,20 +9,30 @@ from torch import Tensor
 
 from gradinv.errors import ConfigError
 
-Objective = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Tensor]
+Distance = Callable[[Mapping[str, Tensor]], Tensor]
+Objective = Callable[[Mapping[str, Tensor]], Distance]
+"""An objective is prepared once from the observed update and returns the distance to evaluate per iteration."""
 
 
-def euclidean(candidate: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Tensor:
+def euclidean(target: Mapping[str, Tensor]) -> Distance:
     """Squared Euclidean distance summed over all parameters (DLG, Zhu et al. 2019, Eq. 4)."""
-    return sum(((candidate[k] - target[k]) ** 2).sum() for k in target)
+
+    def distance(candidate: Mapping[str, Tensor]) -> Tensor:
+        return sum(((candidate[k] - target[k]) ** 2).sum() for k in target)
+
+    return distance
 
 
-def cosine(candidate: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Tensor:
+def cosine(target: Mapping[str, Tensor]) -> Distance:
     """``1 - cos(candidate, target)`` over all parameters jointly (Geiping et al. 2020, Eq. 4)."""
-    dot = sum((candidate[k] * target[k]).sum() for k in target)
-    cand_sq = sum(candidate[k].pow(2).sum() for k in target)
-    target_sq = sum(target[k].pow(2).sum() for k in target)
-    return 1 - dot / (cand_sq.sqrt() * torch.as_tensor(target_sq).sqrt()).clamp_min(1e-30)
+    target_norm = torch.as_tensor(sum(t.pow(2).sum() for t in target.values())).sqrt()
+
+    def distance(candidate: Mapping[str, Tensor]) -> Tensor:
+        dot = sum((candidate[k] * target[k]).sum() for k in target)
+        cand_sq = sum(candidate[k].pow(2).sum() for k in target)
+        return 1 - dot / (cand_sq.sqrt() * target_norm).clamp_min(1e-30)
+
+    return distance
 
 
 OBJECTIVES: dict[str, Objective] = {"euclidean": euclidean, "cosine": cosine}

@@ -31,10 +31,11 @@ def matching_cost(
     buffers = {k: v.detach().clone() for k, v in observation.buffers.items()}
     target = {k: v.detach() for k, v in observation.update.items()}
     protocol = observation.protocol
+    distance = objective(target)
 
     def cost(x: Tensor, y: Tensor) -> Tensor:
         update = client_update(protocol, twin, params, buffers, x, y, loss_fn=cross_entropy)
-        value = objective(update, target)
+        value = distance(update)
         if tv_weight:
             value = value + tv_weight * total_variation(x)
         return value
