@@ -35,6 +35,8 @@ bench: $(STAMP)
 	$(PY) bench/restarts.py
 	$(PY) bench/time_to_psnr.py
 	$(PY) bench/invgrad_quality.py
+	$(PY) bench/labels.py
+	$(PY) bench/labels_in_attacks.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

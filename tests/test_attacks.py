@@ -83,18 +83,6 @@ def test_idlg_label_rule_without_bias_and_for_fedavg(digits32):
         assert recover_labels(sc2.observe(), method="idlg").labels.tolist() == sc2.labels.tolist()
 
 
-def test_yin_distinct_labels(digits32):
-    for seed in range(10):
-        images, labels = sample_batch(digits32, batch_size=6, seed=seed, distinct_labels=True)
-        sc = Scenario.from_images(
-            build_model("mlp", num_classes=10, seed=seed),
-            images,
-            labels,
-            normalization=digits32.normalization,
-        )
-        assert recover_labels(sc.observe()).labels.tolist() == sorted(labels.tolist())
-
-
 def test_batched_restarts_equal_separate_runs(photos32):
     """vmap over restarts computes exactly what a loop over restarts computes (oracle test)."""
     sc = _scenario(photos32, build_model("convnet", num_classes=9, width=8, seed=0))

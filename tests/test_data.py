@@ -81,7 +81,18 @@ def test_stats_are_deterministic_and_from_images() -> None:
 
 def test_list_sources() -> None:
     names = [name for name, _ in list_data_sources()]
-    assert names == list(BUILTIN_SOURCES) == ["digits", "photos"]
+    assert names == list(BUILTIN_SOURCES) == ["digits", "photos", "synthetic:K"]
+
+
+def test_synthetic_many_class_source() -> None:
+    ds = load_dataset("synthetic:1000", image_size=8)
+    assert ds.num_classes == 1000 and len(ds) == 4000 and ds.images.shape[1:] == (3, 8, 8)
+    again = load_dataset("synthetic:1000", image_size=8)
+    assert torch.equal(ds.images, again.images) and torch.equal(ds.labels, again.labels)
+    assert load_dataset("synthetic", image_size=8).num_classes == 100
+    for bad in ("synthetic:x", "synthetic:1"):
+        with pytest.raises(ConfigError, match="synthetic"):
+            load_dataset(bad, image_size=8)
 
 
 @pytest.mark.parametrize("size", [3, 1025])

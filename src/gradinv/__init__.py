@@ -4,11 +4,11 @@
 """
 
 from gradinv.attacks import ATTACKS, Attack, build_attack
-from gradinv.attacks.labels import recover_labels
+from gradinv.attacks.labels import LABEL_METHODS, recover_labels
 from gradinv.data import ImageDataset, Normalization, load_dataset, sample_batch
 from gradinv.errors import GradinvError
 from gradinv.fl import FedAvg, FedSGD, Scenario
-from gradinv.metrics import label_accuracy, score_images
+from gradinv.metrics import label_accuracy, label_count_accuracy, label_existence_accuracy, score_images
 from gradinv.models import build_model, list_models
 from gradinv.types import GroundTruth, Knowledge, Observation, Reconstruction, ThreatModel
 
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ATTACKS",
+    "LABEL_METHODS",
     "Attack",
     "FedAvg",
     "FedSGD",
@@ -31,6 +32,8 @@ __all__ = [
     "build_attack",
     "build_model",
     "label_accuracy",
+    "label_count_accuracy",
+    "label_existence_accuracy",
     "list_models",
     "load_dataset",
     "recover_labels",

@@ -43,6 +43,17 @@ _positive = _int_at_least(1)
 _nonneg = _int_at_least(0)
 
 
+def _names(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _int_list(text: str) -> list[int]:
+    return [_nonneg(t) for t in _names(text)]
+
+
 def _add_run_options(p: argparse.ArgumentParser, *, model: str, data: str) -> None:
     p.add_argument("--model", default=model, help=f"model name (default {model}; see `gradinv list`)")
     p.add_argument("--data", default=data, help="digits, photos, a folder of images or an .npz file; 'none' to skip")
@@ -84,7 +95,39 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("capture", help="simulate a client and save its model and update (safetensors)")
     _add_run_options(c, model="convnet", data="photos")
 
-    sub.add_parser("list", help="list attacks, models and data sources")
+    lab = sub.add_parser("labels", help="recover the labels of simulated client batches and score them")
+    lab.add_argument("method", metavar="METHOD", help="a label method (see `gradinv list`) or 'auto'")
+    _add_run_options(lab, model="mlp", data="digits")
+    lab.add_argument("--trials", type=_positive, default=10, help="batches to try, seeds seed.. (default 10)")
+    lab.add_argument("--quiet", action="store_true", help="no per-trial lines")
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    bl = bench_sub.add_parser("labels", help="every label method x model x batch size: CSV, table and plot")
+    bl.add_argument("--methods", type=_names, help="comma-separated label methods (default: all)")
+    bl.add_argument(
+        "--models", type=_names, default=["mlp", "convnet", "resnet18"], help="default mlp,convnet,resnet18"
+    )
+    bl.add_argument(
+        "--batch-sizes", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64, 128, 256], help="default 1,2,4,...,256"
+    )
+    bl.add_argument("--trained-steps", type=_int_list, default=[0, 300], help="model states to test (default 0,300)")
+    bl.add_argument("--trials", type=_positive, default=10, help="batches per point (default 10)")
+    bl.add_argument("--data", default="digits", help="data set of the real-data cases (default digits)")
+    bl.add_argument(
+        "--synthetic-classes",
+        type=_nonneg,
+        default=1000,
+        help="classes of the synthetic case; 0 to skip (default 1000)",
+    )
+    bl.add_argument("--image-size", type=_positive, default=32, help="image side in pixels (default 32)")
+    bl.add_argument("--seed", type=int, default=0, help="seed of models and batches (default 0)")
+    bl.add_argument(
+        "--out", type=Path, default=Path("runs/bench-labels"), help="output folder (default runs/bench-labels)"
+    )
+    bl.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("list", help="list attacks, label methods, models and data sources")
 
     d = sub.add_parser("demo", help="Inverting Gradients on a bundled photo against a ResNet")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
@@ -191,14 +234,93 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_labels(args: argparse.Namespace) -> int:
+    from gradinv.attacks.labels import LABEL_METHODS
+    from gradinv.label_bench import plot_counts, prepare_case, run_trials, save_trials, summarize
+
+    if args.method != "auto" and args.method not in LABEL_METHODS:
+        raise ConfigError(
+            f"unknown label method {args.method!r}: choose one of auto, {', '.join(sorted(LABEL_METHODS))}"
+        )
+    _check_out(args.out)
+    data = _data(args)
+    if data is None:
+        raise ConfigError("labels simulates clients, so it needs --data")
+    case = prepare_case(
+        model=args.model,
+        data=data,
+        image_size=args.image_size,
+        seed=args.seed,
+        trained_steps=args.trained_steps,
+        num_classes=args.num_classes,
+        protocol=_protocol(args),
+        train_mode=args.train_mode,
+    )
+    records = run_trials(case, [args.method], batch_size=args.batch_size, trials=args.trials, seed=args.seed)
+    if not args.quiet:
+        for r in records:
+            got = f"recovered {r.labels_recovered}" if r.declined is None else f"declined: {r.declined}"
+            print(f"  seed {r.seed}: true {r.labels_true} {got}")
+    (row,) = summarize(records)
+    line = f"{args.method} on {args.model}, {case.dataset.name}, batch {args.batch_size}: "
+    if row["answered"]:
+        line += (
+            f"existence {row['existence']:.3f}, count {row['count']:.3f} over {row['answered']}/{row['trials']} "
+            f"trials, {row['seconds_median'] * 1000:.1f} ms per recovery"
+        )
+    else:
+        line += f"declined on every trial: {row['declined_reason']}"
+    if args.out is not None:
+        save_trials(records, [row], args.out, name="labels")
+        plot_counts(records[:1], case.dataset.num_classes, args.out / "labels.png")
+        line += f" -> {args.out}/"
+    print(line)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from gradinv.attacks.labels import LABEL_METHODS
+    from gradinv.label_bench import bench_labels, plot_accuracy, save_trials
+
+    _check_out(args.out)
+    methods = args.methods or sorted(LABEL_METHODS)
+    unknown = [m for m in methods if m not in LABEL_METHODS]
+    if unknown:
+        raise ConfigError(f"unknown label method(s) {unknown}: choose from {', '.join(sorted(LABEL_METHODS))}")
+    if any(b < 1 for b in args.batch_sizes):
+        raise ConfigError("--batch-sizes must all be >= 1")
+    records, rows = bench_labels(
+        methods=methods,
+        models=args.models,
+        batch_sizes=args.batch_sizes,
+        trained_steps=args.trained_steps,
+        trials=args.trials,
+        data=args.data,
+        synthetic_classes=args.synthetic_classes or None,
+        image_size=args.image_size,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    save_trials(records, rows, args.out, name="labels")
+    plot_accuracy(rows, args.out / "labels.png")
+    print(f"{len(records)} recoveries over {len(rows)} points -> {args.out}/labels.csv, labels.md, labels.png")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from gradinv.attacks import ATTACKS
+    from gradinv.attacks.labels import LABEL_METHODS
     from gradinv.data import list_data_sources
     from gradinv.models import list_models
 
     print("attacks:")
     for name in sorted(ATTACKS):
         print(f"  {name:<10} {ATTACKS[name].summary}")
+    print("label methods (gradinv labels METHOD):")
+    for name in sorted(LABEL_METHODS):
+        m = LABEL_METHODS[name]
+        kind = "counts" if m.gives_counts else "set"
+        print(f"  {name:<13} [{kind}] {m.summary}")
     print("models:")
     for name, summary in list_models():
         print(f"  {name:<10} {summary}")
@@ -217,7 +339,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"attack": _cmd_attack, "capture": _cmd_capture, "list": _cmd_list, "demo": _cmd_demo}
+COMMANDS = {
+    "attack": _cmd_attack,
+    "capture": _cmd_capture,
+    "labels": _cmd_labels,
+    "bench": _cmd_bench,
+    "list": _cmd_list,
+    "demo": _cmd_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -232,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("gradinv: interrupted\n")
         return 130
+    except BrokenPipeError:  # output piped into a pager or `head` that closed early
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

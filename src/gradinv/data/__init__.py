@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gradinv.data.builtin import PHOTO_NAMES, available_photos, load_digits, load_photos
+from gradinv.data.builtin import PHOTO_NAMES, available_photos, load_digits, load_photos, load_synthetic
 from gradinv.data.dataset import ImageDataset, Normalization, channel_stats, sample_batch
 from gradinv.data.folder import IMAGE_EXTENSIONS, load_folder, load_npz
 from gradinv.data.transforms import center_crop_resize, to_channels
@@ -32,6 +32,7 @@ __all__ = [
     "load_folder",
     "load_npz",
     "load_photos",
+    "load_synthetic",
     "sample_batch",
     "to_channels",
 ]
@@ -43,6 +44,7 @@ MAX_IMAGE_SIZE = 1024
 BUILTIN_SOURCES: dict[str, str] = {
     "digits": "scikit-learn handwritten digits: 1,797 grey 8x8 images upscaled, 10 classes (0-9)",
     "photos": f"scikit-image bundled photos: {len(PHOTO_NAMES)} RGB photos, one class each",
+    "synthetic:K": "random RGB images with random labels over K classes (default 100): many-class label tests",
 }
 
 #: How to name a source that is not built in.
@@ -55,6 +57,18 @@ PATH_SOURCES_HELP = (
 def list_data_sources() -> list[tuple[str, str]]:
     """The built-in data sources as ``(name, summary)`` pairs (any folder or ``.npz`` path also works)."""
     return list(BUILTIN_SOURCES.items())
+
+
+def _synthetic_classes(source: str) -> int:
+    _, _, count = source.strip().partition(":")
+    if not count:
+        return 100
+    try:
+        return int(count)
+    except ValueError:
+        raise ConfigError(
+            f"synthetic data is named 'synthetic:K' with K the number of classes, got {source!r}"
+        ) from None
 
 
 def load_dataset(source: str | Path, *, image_size: int = 32, channels: int | None = None) -> ImageDataset:
@@ -72,7 +86,9 @@ def load_dataset(source: str | Path, *, image_size: int = 32, channels: int | No
     if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
         raise ConfigError(f"channels must be 1 (grey), 3 (RGB) or None (keep), got {channels!r}")
 
-    if isinstance(source, str) and source.strip().lower() in BUILTIN_SOURCES:
+    if isinstance(source, str) and source.strip().lower().split(":")[0] == "synthetic":
+        dataset = load_synthetic(num_classes=_synthetic_classes(source), image_size=image_size)
+    elif isinstance(source, str) and source.strip().lower() in BUILTIN_SOURCES:
         key = source.strip().lower()
         dataset = load_digits(image_size=image_size) if key == "digits" else load_photos(image_size=image_size)
     elif isinstance(source, (str, Path)):

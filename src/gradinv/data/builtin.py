@@ -135,3 +135,28 @@ def load_photos(*, image_size: int = 32, names: Sequence[str] | None = None) -> 
     return ImageDataset.from_tensors(
         "photos", torch.stack(images), torch.arange(len(loaded)), class_names=tuple(loaded)
     )
+
+
+SYNTHETIC_DEFAULT_CLASSES = 100
+SYNTHETIC_MAX_CLASSES = 100_000
+
+
+def load_synthetic(
+    *, num_classes: int = SYNTHETIC_DEFAULT_CLASSES, image_size: int = 32, seed: int = 0
+) -> ImageDataset:
+    """Random RGB images (uniform in [0, 1]) with random labels over ``num_classes`` classes: the many-class
+    case of label-recovery benchmarks, beyond what the bundled data sets hold. ``max(2048, 4 * num_classes)``
+    images so that batches of a few hundred and disjoint auxiliary samples fit."""
+    if not 2 <= num_classes <= SYNTHETIC_MAX_CLASSES:
+        raise ConfigError(f"synthetic data needs 2 to {SYNTHETIC_MAX_CLASSES} classes, got {num_classes}")
+    n = max(2048, 4 * num_classes)
+    generator = torch.Generator().manual_seed(int(seed))
+    images = torch.rand((n, 3, image_size, image_size), generator=generator)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    return ImageDataset.from_tensors(
+        f"synthetic:{num_classes}",
+        images,
+        labels,
+        class_names=tuple(str(i) for i in range(num_classes)),
+        num_classes=num_classes,
+    )

@@ -48,3 +48,7 @@ def label_existence_accuracy(
     if not union:
         return 1.0
     return len(pred & true) / len(union)
+
+
+#: The count accuracy of label-recovery papers (iLRG's "instance recall"): multiset overlap over batch size.
+label_count_accuracy = label_accuracy

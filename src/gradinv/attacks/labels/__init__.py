@@ -1,34 +1,71 @@
-"""Label recovery from the classifier layer's update, one method per file."""
+"""Label recovery from the classifier layer's update, one method per file, behind one interface.
+
+>>> estimate = recover_labels(observation, method="ilrg")
+>>> estimate.counts, estimate.classes
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from gradinv.attacks.labels import idlg as _idlg  # noqa: F401  (registers)
-from gradinv.attacks.labels import yin as _yin  # noqa: F401  (registers)
-from gradinv.attacks.labels.base import LABEL_METHODS, LabelEstimate, classifier_update
+from gradinv.attacks.labels import bias_sign as _bias_sign  # noqa: F401  (each import registers a method)
+from gradinv.attacks.labels import fedavg_count as _fedavg_count  # noqa: F401
+from gradinv.attacks.labels import idlg as _idlg  # noqa: F401
+from gradinv.attacks.labels import ilrg as _ilrg  # noqa: F401
+from gradinv.attacks.labels import llg as _llg  # noqa: F401
+from gradinv.attacks.labels import rlg as _rlg  # noqa: F401
+from gradinv.attacks.labels import yin as _yin  # noqa: F401
+from gradinv.attacks.labels.base import (
+    LABEL_METHODS,
+    ClassifierUpdate,
+    LabelEstimate,
+    LabelMethod,
+    classifier_update,
+)
 from gradinv.errors import ConfigError
 from gradinv.types import Observation
 
 
-def recover_labels(observation: Observation, *, method: str = "auto") -> LabelEstimate:
-    """Labels of the observed batch by a named method; ``"auto"`` picks iDLG for one sample, else Yin."""
+def auto_method(observation: Observation) -> str:
+    """The best available method for ``observation``: iDLG for one sample, iLRG when the classifier has a
+    bias, else the count estimate from model statistics (it needs neither a bias nor non-negative features)."""
+    if observation.knowledge.num_samples == 1:
+        return "idlg"
+    return "ilrg" if classifier_update(observation).bias is not None else "fedavg-count"
+
+
+def recover_labels(observation: Observation, *, method: str = "auto", **options: Any) -> LabelEstimate:
+    """Labels of the observed batch by a named method (``"auto"``: :func:`auto_method`).
+
+    ``options`` go to the method (e.g. ``auxiliary=`` inputs for ``llg-plus``).
+    """
     if method == "auto":
-        method = "idlg" if observation.knowledge.num_samples == 1 else "yin"
+        method = auto_method(observation)
     if method not in LABEL_METHODS:
         raise ConfigError(f"unknown label method {method!r}: choose one of auto, {', '.join(sorted(LABEL_METHODS))}")
-    return LABEL_METHODS[method](observation)
+    return LABEL_METHODS[method](observation, **options)
 
 
 def labels_for(observation: Observation, *, method: str = "auto") -> tuple[torch.Tensor, str]:
     """The labels an attack should use: the threat model's if it gives them, else recovered by ``method``.
 
-    Returns the labels and where they came from (``"knowledge"`` or the method's name).
+    Returns one label per sample and where they came from (``"knowledge"`` or the method's name).
     """
     if observation.knowledge.labels is not None:
         return observation.knowledge.labels.clone(), "knowledge"
     estimate = recover_labels(observation, method=method)
-    return estimate.labels, estimate.method
+    return estimate.as_batch(int(observation.knowledge.num_samples)), estimate.method
 
 
-__all__ = ["LABEL_METHODS", "LabelEstimate", "classifier_update", "labels_for", "recover_labels"]
+__all__ = [
+    "LABEL_METHODS",
+    "ClassifierUpdate",
+    "LabelEstimate",
+    "LabelMethod",
+    "auto_method",
+    "classifier_update",
+    "labels_for",
+    "recover_labels",
+]
