@@ -29,7 +29,7 @@ from gradinv.fl.protocols import Protocol
 from gradinv.io import write_json_atomic
 from gradinv.metrics import label_accuracy, label_existence_accuracy
 
-AUXILIARY_SIZE = 64  # auxiliary samples given to llg-plus, disjoint from the client's batch
+AUXILIARY_SIZE = 32  # auxiliary samples given to llg-plus, disjoint from the client's batch
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 

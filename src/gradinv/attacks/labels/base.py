@@ -183,14 +183,18 @@ def random_inputs(observation: Observation, count: int, *, seed: int = 0) -> Ten
     return torch.randn((count, *shape), generator=generator)
 
 
-def require_nonnegative_features(observation: Observation, method: str, *, probes: int = 8) -> None:
+def require_nonnegative_features(
+    observation: Observation, method: str, *, probe: Probe | None = None, probes: int = 8
+) -> None:
     """Sign rules assume the classifier's inputs are non-negative (ReLU or sigmoid before it); check that the
-    model gives non-negative features on random inputs and say so when it does not."""
-    probe = probe_model(observation, random_inputs(observation, probes, seed=12345))
-    if float(probe.features.min()) < 0:
+    model gives non-negative features on the server's probe inputs (random ones unless ``probe`` is given)
+    and say so when it does not."""
+    probe = probe or probe_model(observation, random_inputs(observation, probes, seed=12345))
+    lowest = float(probe.features.min())
+    if lowest < 0:
         raise AttackError(
             f"{method} assumes non-negative features entering the classifier (ReLU/sigmoid), but this model "
-            f"gives negative ones (min {float(probe.features.min()):.3g}): use ilrg or fedavg-count"
+            f"gives negative ones (min {lowest:.3g}): use ilrg or fedavg-count"
         )
 
 

@@ -27,7 +27,7 @@ from gradinv.errors import AttackError
 from gradinv.fl.protocols import FedAvg
 from gradinv.types import Observation
 
-DEFAULT_PROBES = 64
+DEFAULT_PROBES = 32
 
 
 @register_label_method(

@@ -23,6 +23,25 @@ from gradinv.attacks.labels.base import (
 from gradinv.types import Observation
 
 
+ILL_CONDITIONED = 5.0  # an embedding this many times longer than the median comes from a vanishing db
+
+
+def class_embeddings(weight: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
+    """``dW[i] / db[i]`` per class. When a class's share of the batch matches its mean probability, ``db[i]``
+    nearly vanishes and the ratio is noise divided by noise (e.g. balanced batches of 10 classes on an
+    untrained model); such rows (norm above ``ILL_CONDITIONED`` times the median) get the ``|db|``-weighted
+    mean of the well-conditioned ones instead, the batch's typical embedding."""
+    safe = db.abs() > 1e-12 * float(db.abs().max())
+    ratio = torch.where(safe[:, None], weight / torch.where(safe, db, 1.0)[:, None], 0.0)
+    norms = ratio.norm(dim=1)
+    good = safe & (norms <= ILL_CONDITIONED * norms[safe].median())
+    if bool(good.any()) and not bool(good.all()):
+        w = db.abs() * good
+        typical = (w[:, None] * ratio).sum(dim=0) / w.sum()
+        ratio = torch.where(good[:, None], ratio, typical)
+    return ratio
+
+
 @register_label_method(
     "ilrg",
     summary="iLRG (Ma et al. 2023): per-class counts from a linear system on the bias gradient",
@@ -35,9 +54,7 @@ def ilrg_labels(observation: Observation) -> LabelEstimate:
     weight = observation.parameters[f"{cu.layer}.weight"].detach().double()
     bias = observation.parameters[f"{cu.layer}.bias"].detach().double()
     k = cu.num_classes
-    # class-wise mean embeddings; a vanishing bias gradient carries no direction (treated as a zero embedding)
-    safe = db.abs() > 1e-12 * float(db.abs().max())
-    embeddings = torch.where(safe[:, None], cu.weight / torch.where(safe, db, 1.0)[:, None], 0.0)
+    embeddings = class_embeddings(cu.weight, db)
     probs = torch.softmax(embeddings @ weight.T + bias, dim=1)  # row i: probabilities of class i's samples
     system = torch.cat([probs.T - torch.eye(k, dtype=probs.dtype), torch.ones(1, k, dtype=probs.dtype)])
     target = torch.cat([b * db, torch.tensor([float(b)], dtype=db.dtype)])

@@ -32,7 +32,7 @@ from gradinv.attacks.labels.base import (
 from gradinv.errors import AttackError, MissingKnowledgeError
 from gradinv.types import Observation
 
-DEFAULT_PROBES = 64
+DEFAULT_PROBES = 32
 
 
 def assign(g: Tensor, *, batch_size: int, impact: float, offset: Tensor | None = None) -> Tensor:
@@ -55,8 +55,9 @@ def assign(g: Tensor, *, batch_size: int, impact: float, offset: Tensor | None =
     return counts
 
 
-def _probe_statistics(observation: Observation, inputs: Tensor, batch_size: int) -> tuple[float, Tensor]:
+def _probe_statistics(observation: Observation, inputs: Tensor, batch_size: int, method: str) -> tuple[float, Tensor]:
     probe = probe_model(observation, inputs)
+    require_nonnegative_features(observation, method, probe=probe)
     s = probe.feature_sums[:, None]
     k = probe.probs.shape[1]
     impact = float(((probe.probs - 1.0) * s).mean(dim=0).mean()) / batch_size * (1.0 + 1.0 / k)
@@ -87,8 +88,7 @@ def llg_labels(observation: Observation) -> LabelEstimate:
 def llg_star_labels(observation: Observation, *, probes: int = DEFAULT_PROBES, seed: int = 0) -> LabelEstimate:
     b = num_samples(observation, "llg-star")
     cu = classifier_update(observation)
-    require_nonnegative_features(observation, "llg-star")
-    impact, offset = _probe_statistics(observation, random_inputs(observation, probes, seed=seed), b)
+    impact, offset = _probe_statistics(observation, random_inputs(observation, probes, seed=seed), b, "llg-star")
     counts = assign(cu.row_sums, batch_size=b, impact=impact, offset=offset)
     return LabelEstimate.from_counts("llg-star", counts, scores=cu.row_sums - offset, impact=impact)
 
@@ -107,7 +107,6 @@ def llg_plus_labels(observation: Observation, *, auxiliary: Tensor | None = None
         )
     b = num_samples(observation, "llg-plus")
     cu = classifier_update(observation)
-    require_nonnegative_features(observation, "llg-plus")
-    impact, offset = _probe_statistics(observation, auxiliary, b)
+    impact, offset = _probe_statistics(observation, auxiliary, b, "llg-plus")
     counts = assign(cu.row_sums, batch_size=b, impact=impact, offset=offset)
     return LabelEstimate.from_counts("llg-plus", counts, scores=cu.row_sums - offset, impact=impact)
