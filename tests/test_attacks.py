@@ -115,19 +115,35 @@ def test_dlg_and_idlg_reduce_cost(digits32):
         assert rec.labels.shape == (1,)
 
 
+def _case_for(name: str, digits32):
+    """A scenario each attack accepts: its paper's setting, small enough for a quick test."""
+    from torch import nn
+
+    from gradinv.fl.malicious import ImprintServer, TrapWeightsServer
+
+    norm = digits32.normalization
+    threat = ThreatModel()
+    if name in ("analytic", "trap-weights", "rtf"):
+        model = build_model("mlp", num_classes=10, seed=0)
+        if name == "rtf":
+            threat = ThreatModel(server=ImprintServer(bins=16, input_shape=(3, 32, 32)))
+        if name == "trap-weights":
+            threat = ThreatModel(server=TrapWeightsServer(normalization=norm))
+    elif name == "rgap":
+        model = build_model("mlp", num_classes=10, seed=0, activation="leaky_relu", hidden=(32,))
+    elif name == "ppdl-spn":
+        model = nn.Sequential(nn.Conv2d(3, 64, 5, stride=4, padding=2), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 64, 10))
+    else:
+        model = build_model("convnet", num_classes=10, seed=0, width=8)
+    return _scenario(digits32, model, threat=threat)
+
+
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_attack_leaves_model_unchanged_and_no_hooks(name, digits32):
-    model = build_model(
-        "mlp" if name == "analytic" else "convnet",
-        num_classes=10,
-        seed=0,
-        **({} if name == "analytic" else {"width": 8}),
-    )
-    sc = _scenario(digits32, model)
-    obs = sc.observe()
+    obs = _case_for(name, digits32).observe()
     before = {k: v.clone() for k, v in obs.model.state_dict().items()}
-    kw = {} if name == "analytic" else {"iterations": 3}
-    build_attack(name, **kw).reconstruct(obs)
+    fields = ATTACKS[name].Settings.__dataclass_fields__
+    build_attack(name, **({"iterations": 3} if "iterations" in fields else {})).reconstruct(obs)
     for k, v in obs.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     for m in obs.model.modules():

@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--restarts", type=_positive, help="random restarts (default 1)")
     a.add_argument("--update", type=Path, help="captured update (safetensors) to attack instead of a simulation")
     a.add_argument("--known-labels", action="store_true", help="the threat model gives the attacker the labels")
+    a.add_argument(
+        "--server",
+        default="honest",
+        help="honest (default) or a malicious server's modification: imprint[:BINS] (Robbing the Fed), trap[:SCALE]",
+    )
     a.add_argument("--quiet", action="store_true", help="no progress bar")
 
     c = sub.add_parser("capture", help="simulate a client and save its model and update (safetensors)")
@@ -126,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("runs/bench-labels"), help="output folder (default runs/bench-labels)"
     )
     bl.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    an = sub.add_parser("analyze", help="rank analysis: which layers' updates determine their inputs (R-GAP)")
+    an.add_argument("--model", default="cnn6", help="model name (default cnn6; see `gradinv list`)")
+    an.add_argument("--image-size", type=_positive, default=32, help="image side in pixels (default 32)")
+    an.add_argument("--channels", type=_positive, default=3, help="input channels (default 3)")
+    an.add_argument("--num-classes", type=_positive, default=10, help="classes of the model (default 10)")
+    an.add_argument("--numeric", action="store_true", help="also measure each layer's rank at a random probe")
+    an.add_argument("--out", type=Path, help="write analysis.md and analysis.json here")
 
     sub.add_parser("list", help="list attacks, label methods, models and data sources")
 
@@ -173,6 +186,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         known_labels=args.known_labels,
         protocol=_protocol(args),
         train_mode=args.train_mode,
+        server=args.server,
         progress=not args.quiet,
     )
     m = result.metrics
@@ -307,6 +321,35 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from gradinv.analysis import analyze_model
+    from gradinv.io import write_json_atomic
+    from gradinv.models import MODELS, build_model
+
+    if args.model not in MODELS:
+        raise ConfigError(f"unknown model {args.model!r}: choose one of {', '.join(sorted(MODELS))}")
+    _check_out(args.out)
+    model = build_model(
+        args.model, num_classes=args.num_classes, in_channels=args.channels, image_size=args.image_size, seed=0
+    )
+    report = analyze_model(model, (args.channels, args.image_size, args.image_size), numeric=args.numeric)
+    print(f"{args.model} on {args.channels}x{args.image_size}x{args.image_size} inputs, batch 1\n")
+    print(report.table())
+    if args.out is not None:
+        from gradinv._atomic import atomic_path
+
+        with atomic_path(args.out / "analysis.md") as tmp:
+            tmp.write_text(report.table() + "\n")
+        layers = [{**asdict(r), "verdict": r.verdict, "deficit": r.deficit} for r in report.layers]
+        write_json_atomic(
+            {"model": args.model, "recoverable": report.recoverable, "reason": report.reason, "layers": layers},
+            args.out / "analysis.json",
+        )
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from gradinv.attacks import ATTACKS
     from gradinv.attacks.labels import LABEL_METHODS
@@ -344,6 +387,7 @@ COMMANDS = {
     "capture": _cmd_capture,
     "labels": _cmd_labels,
     "bench": _cmd_bench,
+    "analyze": _cmd_analyze,
     "list": _cmd_list,
     "demo": _cmd_demo,
 }

@@ -37,6 +37,7 @@ class RunResult:
     truth: GroundTruth | None
     observation: Observation = field(repr=False)
     scores: ImageScores | None = None
+    scored_images: Tensor | None = None  # the reconstruction as scored: one image per true sample
 
 
 def prepare_model(
@@ -154,6 +155,7 @@ def run_attack(
     known_labels: bool = False,
     protocol: Protocol | None = None,
     train_mode: bool = False,
+    server: str = "honest",
     progress: bool = False,
     callback=None,
 ) -> RunResult:
@@ -162,6 +164,9 @@ def run_attack(
     The client is built by :func:`setup_client`; with ``update`` the observation comes from captured files
     (their protocol from the file's metadata unless ``protocol`` is given).
     ``attack_settings`` overrides the attack's other settings by name (e.g. ``{"tv_weight": 1e-2}``).
+    ``server`` is the threat model's server: ``"honest"`` or a malicious modification such as ``"imprint:128"``
+    or ``"trap"`` (:func:`gradinv.fl.malicious.parse_server`), fitted to public data of the same source that the
+    client's batch does not contain.
     """
     if attack not in ATTACKS:
         raise ConfigError(f"unknown attack {attack!r}: choose one of {', '.join(sorted(ATTACKS))}")
@@ -200,7 +205,7 @@ def run_attack(
             labels,
             normalization=dataset.normalization,
             protocol=protocol,
-            threat=ThreatModel(known_labels=known_labels),
+            threat=ThreatModel(known_labels=known_labels, server=_server(server, dataset, images, image_size)),
             train_mode=train_mode,
         )
         observation = scenario.observe()
@@ -234,6 +239,7 @@ def run_attack(
         "protocol": protocol.to_dict(),
         "known_labels": known_labels,
         "train_mode": train_mode,
+        "server": server,
         "label_source": rec.settings.get("label_source"),
         "psnr": None,
         "psnr_per_sample": None,
@@ -249,12 +255,25 @@ def run_attack(
     }
     scores = None
     if truth is not None:
-        if tuple(rec.images.shape) != tuple(truth.images.shape):
+        rec_images = rec.images
+        if rec_images.shape[0] != truth.images.shape[0] and rec_images.shape[1:] == truth.images.shape[1:]:
+            # an attack that recovers some samples only (malicious servers): each true image is paired with its
+            # best recovery, and the fraction recovered above 40 dB is reported
+            from gradinv.attacks.imprint import score_recovered
+
+            found = score_recovered(rec_images, truth.images)
+            metrics["recovered_fraction_40db"] = found.fraction
+            metrics["recovered_count"] = int(rec_images.shape[0])
+            paired = torch.zeros_like(truth.images)
+            hit = found.best >= 0
+            paired[hit] = rec_images[found.best[hit]]
+            rec_images = paired
+        if tuple(rec_images.shape) != tuple(truth.images.shape):
             raise ConfigError(
-                f"the reconstruction has shape {tuple(rec.images.shape)} but the truth {tuple(truth.images.shape)}: "
+                f"the reconstruction has shape {tuple(rec_images.shape)} but the truth {tuple(truth.images.shape)}: "
                 "check --image-size and --batch-size match the captured update"
             )
-        scores = score_images(rec.images, truth.images)
+        scores = score_images(rec_images, truth.images)
         metrics.update(
             psnr=scores.mean_psnr,
             psnr_per_sample=scores.psnr,
@@ -265,7 +284,34 @@ def run_attack(
         )
         if not known_labels and rec.labels is not None:
             metrics["label_accuracy"] = label_accuracy(rec.labels, truth.labels)
-    return RunResult(metrics=metrics, reconstruction=rec, truth=truth, observation=observation, scores=scores)
+    return RunResult(
+        metrics=metrics,
+        reconstruction=rec,
+        truth=truth,
+        observation=observation,
+        scores=scores,
+        scored_images=rec_images if truth is not None else None,
+    )
+
+
+PUBLIC_SAMPLES = 512  # a malicious server's public data: images of the same source outside the client's batch
+
+
+def _server(spec: str, dataset: ImageDataset, batch: Tensor, image_size: int):
+    from gradinv.fl.malicious import parse_server
+
+    if spec.strip().lower() in ("honest", "none", ""):
+        return None
+    probe = torch.randn(batch[0].numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    keys = dataset.images.flatten(1).double() @ probe  # one number per image: the batch's own are excluded
+    taken = torch.isin(keys, batch.flatten(1).double() @ probe)
+    public = dataset.images[~taken][:PUBLIC_SAMPLES]
+    return parse_server(
+        spec,
+        input_shape=(3, image_size, image_size),
+        normalization=dataset.normalization,
+        auxiliary=dataset.normalization.normalize(public) if len(public) else None,
+    )
 
 
 def save_run(result: RunResult, out: str | Path) -> Path:
@@ -277,7 +323,7 @@ def save_run(result: RunResult, out: str | Path) -> Path:
     truth_images = None
     psnr = None
     if result.truth is not None and result.scores is not None:
-        rec_images = rec_images[result.scores.order]
+        rec_images = result.scored_images[result.scores.order]
         truth_images = result.truth.images
         psnr = result.metrics["psnr_per_sample"]
     m = result.metrics

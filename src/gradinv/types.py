@@ -29,16 +29,21 @@ def _fedsgd() -> Protocol:
 
 @dataclass(frozen=True)
 class ThreatModel:
-    """What the attacker is assumed to know beyond the model and the update (the threat model).
+    """What the attacker is assumed to know beyond the model and the update, and whether the server is honest
+    (the threat model).
 
     The defaults are the common honest-but-curious setting of the field (Geiping et al. 2020): the server
-    knows the input shape, the number of samples and the normalisation, but not the labels.
+    knows the input shape, the number of samples and the normalisation, but not the labels, and sends the
+    model unchanged.
     """
 
     known_labels: bool = False
     known_num_samples: bool = True
     known_input_shape: bool = True
     known_normalization: bool = True
+    #: ``None``: an honest server sends the model as it is. A malicious server sends a modified model: any
+    #: object with ``modify(model) -> nn.Module`` (see :mod:`gradinv.fl.malicious`).
+    server: Any = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -64,10 +64,16 @@ class Scenario:
     def norm(self) -> Normalization:
         return self.normalization or Normalization.identity(self.inputs.shape[1])
 
+    def sent_model(self) -> nn.Module:
+        """The model the server sends: the scenario's own, or a malicious server's modification of it."""
+        server = self.threat.server
+        return self.model if server is None else server.modify(self.model)
+
     def observe(self) -> Observation:
         """The server's view: the model as sent, the shared update by parameter name, and its knowledge."""
-        params, buffers = named_state(self.model)
-        twin = stateless_twin(self.model, train_mode=self.train_mode)
+        model = self.sent_model()
+        params, buffers = named_state(model)
+        twin = stateless_twin(model, train_mode=self.train_mode)
         with torch.no_grad():
             update = client_update(
                 self.protocol,
@@ -78,7 +84,7 @@ class Scenario:
                 self.labels,
                 loss_fn=self.loss_fn,
             )
-        sent = copy.deepcopy(self.model)
+        sent = copy.deepcopy(model)
         t = self.threat
         knowledge = Knowledge(
             input_shape=tuple(self.inputs.shape[1:]) if t.known_input_shape else None,

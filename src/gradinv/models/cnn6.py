@@ -19,6 +19,9 @@ _CONVS: tuple[tuple[int | None, int, int, int, int], ...] = (
 )
 
 
+DEFAULT_CHANNELS = tuple(c[1] for c in _CONVS)
+
+
 def cnn6_feature_side(image_size: int) -> int:
     """Spatial side of CNN6's last feature map for a square input (5 at 32x32)."""
     side = image_size
@@ -40,25 +43,43 @@ class CNN6(nn.Module):
         num_classes: int = 10,
         image_size: int = 32,
         activation: str = "leaky_relu",
+        channels: tuple[int, ...] = DEFAULT_CHANNELS,
     ) -> None:
         super().__init__()
+        channels = tuple(int(c) for c in channels)
+        if len(channels) != len(_CONVS) or any(c < 1 for c in channels):
+            raise ConfigError(f"cnn6 needs {len(_CONVS)} positive channel counts, got {channels}")
         if in_channels < 1 or num_classes < 1:
             raise ConfigError(f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}")
         if activation not in ("leaky_relu", "sigmoid"):
             raise ConfigError(f"cnn6 activation must be 'leaky_relu' or 'sigmoid', got {activation!r}")
         layers: list[nn.Module] = []
-        for c_in, c_out, k, s, p in _CONVS:
-            conv = nn.Conv2d(in_channels if c_in is None else c_in, c_out, k, stride=s, padding=p, bias=False)
+        widths = (in_channels, *channels)
+        for i, (_, _, k, s, p) in enumerate(_CONVS):
+            conv = nn.Conv2d(widths[i], widths[i + 1], k, stride=s, padding=p, bias=False)
             act = nn.LeakyReLU(0.2) if activation == "leaky_relu" else nn.Sigmoid()
             layers += [conv, act]
         self.body = nn.Sequential(*layers)
         side = cnn6_feature_side(image_size)
-        self.fc = nn.Linear(128 * side * side, num_classes, bias=True)
+        self.fc = nn.Linear(channels[-1] * side * side, num_classes, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.body(x).flatten(1))
 
 
 @register_model("cnn6", summary="R-GAP CNN6: 6 bias-free convs, LeakyReLU(0.2), linear (Zhu & Blaschko 2021)")
-def _build(*, in_channels: int, num_classes: int, image_size: int, activation: str = "leaky_relu") -> CNN6:
-    return CNN6(in_channels=in_channels, num_classes=num_classes, image_size=image_size, activation=activation)
+def _build(
+    *,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    activation: str = "leaky_relu",
+    channels: tuple[int, ...] = DEFAULT_CHANNELS,
+) -> CNN6:
+    return CNN6(
+        in_channels=in_channels,
+        num_classes=num_classes,
+        image_size=image_size,
+        activation=activation,
+        channels=channels,
+    )

@@ -22,7 +22,6 @@ from gradinv.attacks.labels.base import (
 )
 from gradinv.types import Observation
 
-
 ILL_CONDITIONED = 5.0  # an embedding this many times longer than the median comes from a vanishing db
 
 

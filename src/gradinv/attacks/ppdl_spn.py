@@ -1,0 +1,91 @@
+"""PPDL-SPN: a convolutional layer inverted as a fully connected one (Fan et al. 2020, "Rethinking Privacy
+Preserving Deep Learning: How to Evaluate and Thwart Privacy Attacks").
+
+Stacking a convolution's shifted filters gives an equivalent fully connected layer ``u = A x``; its weight
+gradient is ``delta x^T``, and the convolution's gradient sums the entries that share a weight:
+``dL/dW[o, q] = sum_p delta[o, p] x[idx(q, p)]``, a linear system in the input ``x`` once ``delta = dL/du`` is
+known. In the single-layer setting (convolution, activation, fully connected classifier with a bias) the
+classifier's gradient gives its input ``h = dW_fc^T db / |db|^2`` and ``dL/dh = W_fc^T db``; the activation's
+derivative follows from ``h`` (for ReLU: 1 where ``h > 0``), so ``delta`` is known exactly and ``x`` is the
+least-squares solution of the gradient system alone (no forward constraint, unlike R-GAP). Exact when
+``rank(delta) * C k^2`` covers the input; Fan et al.'s noise analysis: the error grows with gradient noise as
+the inverse of the system's smallest singular value (see bench/recursive.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gradinv.attacks.base import Attack, Callback, register_attack
+from gradinv.attacks.components.chain import ChainLayer, layer_chain
+from gradinv.attacks.labels import labels_for
+from gradinv.attacks.rgap import gradient_system, solve_psd
+from gradinv.errors import AttackError
+from gradinv.fl.protocols import FedSGD
+from gradinv.types import Observation, Reconstruction
+
+
+def _derivative_from_output(layer: ChainLayer, h: Tensor) -> Tensor:
+    """The activation's derivative at the pre-activation, read from its output ``h``."""
+    if layer.activation == "relu":
+        return (h > 0).double()
+    return layer.activation_derivative(layer.inverse_activation(h))
+
+
+@dataclass(frozen=True)
+class PPDLSPNSettings:
+    label_method: str = "auto"
+
+
+@register_attack
+class PPDLSPN(Attack):
+    name = "ppdl-spn"
+    summary = "PPDL-SPN (Fan et al. 2020): a conv layer as its stacked-filter FC equivalent, solved linearly"
+    Settings = PPDLSPNSettings
+    requires = ("input_shape", "num_samples")
+
+    def _reconstruct(
+        self, observation: Observation, *, generator: torch.Generator, progress: bool, callback: Callback | None
+    ) -> Reconstruction:
+        start = time.perf_counter()
+        k = observation.knowledge
+        if int(k.num_samples) != 1 or not isinstance(observation.protocol, FedSGD):
+            raise AttackError("PPDL-SPN inverts the FedSGD gradient of one sample: use batch 1 and FedSGD")
+        chain = layer_chain(observation.model, tuple(k.input_shape))
+        if len(chain) != 2 or chain[0].kind != "conv" or chain[1].kind != "linear" or chain[1].module.bias is None:
+            raise AttackError(
+                "PPDL-SPN's setting is one convolution, an activation and a fully connected classifier with a bias; "
+                "for deeper chains use rgap"
+            )
+        conv, head = chain
+        if conv.activation not in ("relu", "leaky_relu", "sigmoid", "tanh", "identity"):
+            raise AttackError(f"PPDL-SPN cannot read the derivative of {conv.activation}")
+        params, update = observation.parameters, observation.update
+        db = update[f"{head.name}.bias"].double()
+        if float(db.norm()) == 0:
+            raise AttackError("the classifier's bias gradient is zero: the layer's input cannot be read")
+        h = (update[f"{head.name}.weight"].double().T @ db / (db @ db)).reshape(conv.out_shape)
+        delta = (params[f"{head.name}.weight"].double().T @ db).reshape(conv.out_shape) * _derivative_from_output(
+            conv, h
+        )
+        grad_weight = update[f"{conv.name}.weight"].double()
+        normal, rhs = gradient_system(conv, delta, grad_weight)
+        x = solve_psd(normal, rhs).reshape(1, *k.input_shape)
+        predicted = torch.nn.grad.conv2d_weight(
+            x, grad_weight.shape, delta[None], stride=conv.module.stride, padding=conv.module.padding
+        )
+        residual = float((predicted - grad_weight).norm() / grad_weight.norm())
+        labels, label_source = labels_for(observation, method=self.settings.label_method)
+        return Reconstruction(
+            inputs=x.float(),
+            labels=labels,
+            attack=self.name,
+            settings={**self.settings_dict(), "label_source": label_source},
+            seconds=time.perf_counter() - start,
+            normalization=k.normalization,
+            extras={"gradient_residual": residual, "float64_inputs": x},
+        )

@@ -1,0 +1,225 @@
+"""R-GAP: Recursive Gradient Attack on Privacy (Zhu & Blaschko, ICLR 2021).
+
+For one sample, every linear layer ``u = W x (+ b)`` gives two linear systems in its input ``x`` (the survey's
+Eq. 6): the *forward* constraint ``W x = u - b`` and the *gradient* constraint ``dL/dW = delta x^T`` (for a
+convolution, ``dL/dW[o, q] = sum_p delta[o, p] x[idx(q, p)]`` over output positions ``p`` and kernel taps
+``q``), where ``u`` and ``delta = dL/du`` are known from the layer above. The recursion starts at the
+classifier (``x = dW^T db / |db|^2``, ``delta_x = W^T db``), and at each layer solves both systems jointly by
+least squares, inverts the activation below (``u = sigma^-1(x)``) and moves ``delta`` down through the layer
+(``delta_x = W^T delta``, ``delta_u = delta_x * sigma'(u)``), until the image. Needs batch 1, a FedSGD
+gradient, invertible activations (LeakyReLU, sigmoid, tanh) and a classifier with a bias.
+
+The joint least squares is solved from its normal equations in float64: for a convolution the gradient
+block's normal matrix is assembled directly from ``delta^T delta`` (``sum_q U_q^T (delta^T delta) U_q`` with
+``U_q`` the input pixels under tap ``q``), so no dense system larger than (inputs x inputs) is ever built. The
+two blocks are balanced by their traces; the system being consistent, the weighting changes only rounding.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gradinv.attacks.base import Attack, Callback, register_attack
+from gradinv.attacks.components.chain import ChainLayer, layer_chain
+from gradinv.attacks.labels import labels_for
+from gradinv.errors import AttackError
+from gradinv.fl.protocols import FedSGD
+from gradinv.types import Observation, Reconstruction
+
+PIVOT_RTOL = 1e-12  # below this relative pivot the joint system is treated as rank-deficient
+
+
+@dataclass(frozen=True)
+class LayerSolution:
+    """A layer's recovered input and how well it satisfies the two constraint systems."""
+
+    inputs: Tensor  # float64, the layer's input shape
+    forward_residual: float  # |W x - u| / |u|
+    gradient_residual: float  # |G x - dW| / |dW|
+
+
+def _unfold_index(layer: nn.Conv2d, in_shape: tuple[int, ...]) -> Tensor:
+    """(C*k*k, P) input index under each kernel tap and output position; -1 where the tap hits padding."""
+    c, h, w = in_shape
+    index = torch.arange(c * h * w, dtype=torch.float64).reshape(1, c, h, w) + 1.0
+    cols = F.unfold(index, layer.kernel_size, padding=layer.padding, stride=layer.stride)[0]
+    return cols.round().long() - 1
+
+
+def _scatter_gram(gram: Tensor, index: Tensor, valid: Tensor, n: int) -> Tensor:
+    """``sum_r U_r^T gram U_r`` for index rows ``r`` of ``index`` (R, S) mapping ``S`` slots to inputs (-1: none)."""
+    slot = torch.where(valid, index, n)  # padding goes to a dummy row/column, dropped at the end
+    linear = (slot[:, :, None] * (n + 1) + slot[:, None, :]).reshape(-1)
+    flat = torch.zeros((n + 1) * (n + 1), dtype=torch.float64)
+    flat.index_add_(0, linear, gram.expand(index.shape[0], -1, -1).reshape(-1))
+    return flat.reshape(n + 1, n + 1)[:n, :n]
+
+
+def _target(layer: ChainLayer, u: Tensor, bias: Tensor | None) -> Tensor:
+    if bias is None:
+        return u
+    return u - (bias.double() if layer.kind == "linear" else bias.double()[:, None, None])
+
+
+def gradient_system(layer: ChainLayer, delta: Tensor, grad_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Normal equations of the gradient constraint alone: ``dL/dW = delta x^T`` (fully connected) or
+    ``dL/dW[o, q] = sum_p delta[o, p] x[idx(q, p)]`` (convolution: the stacked-filter FC equivalent)."""
+    delta, grad_weight = delta.double(), grad_weight.double()
+    if layer.kind == "linear":
+        d = delta.flatten()
+        return (d @ d) * torch.eye(grad_weight.shape[1], dtype=torch.float64), grad_weight.T @ d
+    index = _unfold_index(layer.module, layer.in_shape)  # (Q, P)
+    valid = index >= 0
+    n = int(torch.tensor(layer.in_shape).prod())
+    d = delta.reshape(delta.shape[0], -1)  # (O, P)
+    normal = _scatter_gram(d.T @ d, index, valid, n)  # sum_q U_q^T (delta^T delta) U_q
+    contrib = (d.T @ grad_weight.reshape(grad_weight.shape[0], -1)).T  # (Q, P): sum_o delta[o, p] dW[o, q]
+    return normal, torch.zeros(n, dtype=torch.float64).index_add_(0, index[valid], contrib[valid])
+
+
+def layer_system(
+    layer: ChainLayer, weight: Tensor, bias: Tensor | None, u: Tensor, delta: Tensor, grad_weight: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Normal equations ``(N, r)`` of one layer's joint forward + gradient least squares, in float64."""
+    weight, u, delta, grad_weight = weight.double(), u.double(), delta.double(), grad_weight.double()
+    target = _target(layer, u, bias)
+    if layer.kind == "linear":
+        rhs_f = weight.T @ target
+        normal_f = weight.T @ weight
+        normal_g, rhs_g = gradient_system(layer, delta, grad_weight)
+    else:
+        conv = layer.module
+        index = _unfold_index(conv, layer.in_shape)  # (Q, P)
+        valid = index >= 0
+        n = int(torch.tensor(layer.in_shape).prod())
+        # both blocks scatter a small Gram matrix over the taps/positions that share input pixels
+        kf = weight.reshape(weight.shape[0], -1)  # (O, Q)
+        normal_f = _scatter_gram(kf.T @ kf, index.T, valid.T, n)  # sum_p U_p^T (W^T W) U_p
+        rhs_f = torch.nn.grad.conv2d_input(
+            (1, *layer.in_shape), weight, target[None], stride=conv.stride, padding=conv.padding
+        ).flatten()
+        normal_g, rhs_g = gradient_system(layer, delta, grad_weight)
+    trace_f, trace_g = float(normal_f.diagonal().sum()), float(normal_g.diagonal().sum())
+    alpha = trace_f / trace_g if trace_g > 0 else 0.0
+    return normal_f + alpha * normal_g, rhs_f + alpha * rhs_g
+
+
+def solve_layer(
+    layer: ChainLayer, weight: Tensor, bias: Tensor | None, u: Tensor, delta: Tensor, grad_weight: Tensor
+) -> LayerSolution:
+    """The input of one layer from its pre-activation output ``u``, ``delta = dL/du`` and ``dL/dW`` (batch 1);
+    the minimum-norm solution where the layer is rank-deficient."""
+    normal, rhs = layer_system(layer, weight, bias, u, delta, grad_weight)
+    weight, delta, grad_weight = weight.double(), delta.double(), grad_weight.double()
+    target = _target(layer, u.double(), bias)
+    x = solve_psd(normal, rhs)
+    if layer.kind == "linear":
+        predicted = weight @ x
+        grad_pred = torch.outer(delta.flatten(), x)
+    else:
+        predicted = F.conv2d(
+            x.reshape(1, *layer.in_shape), weight, stride=layer.module.stride, padding=layer.module.padding
+        )
+        predicted = predicted.flatten()
+        grad_pred = torch.nn.grad.conv2d_weight(
+            x.reshape(1, *layer.in_shape),
+            weight.shape,
+            delta[None],
+            stride=layer.module.stride,
+            padding=layer.module.padding,
+        )
+    forward_res = float((predicted - target.flatten()).norm() / target.norm().clamp_min(1e-300))
+    grad_res = float((grad_pred - grad_weight).norm() / grad_weight.norm().clamp_min(1e-300))
+    return LayerSolution(x.reshape(layer.in_shape), forward_res, grad_res)
+
+
+def solve_psd(normal: Tensor, rhs: Tensor) -> Tensor:
+    """Least-squares solution of a symmetric positive semi-definite system (pseudo-inverse when singular)."""
+    chol, info = torch.linalg.cholesky_ex(normal)
+    pivots = chol.diagonal() ** 2
+    if int(info) == 0 and float(pivots.min()) > PIVOT_RTOL * float(pivots.max()):
+        return torch.cholesky_solve(rhs[:, None], chol).flatten()
+    eig, vec = torch.linalg.eigh(normal)  # singular: the minimum-norm least-squares solution
+    inv = torch.where(eig > PIVOT_RTOL * eig.max(), 1.0 / eig, 0.0)
+    return vec @ (inv * (vec.T @ rhs))
+
+
+@dataclass(frozen=True)
+class RGAPSettings:
+    label_method: str = "auto"
+
+
+@register_attack
+class RGAP(Attack):
+    name = "rgap"
+    summary = "R-GAP (Zhu & Blaschko 2021): layer-by-layer closed-form recursion, batch 1, invertible activations"
+    Settings = RGAPSettings
+    requires = ("input_shape", "num_samples")
+
+    def _reconstruct(
+        self, observation: Observation, *, generator: torch.Generator, progress: bool, callback: Callback | None
+    ) -> Reconstruction:
+        start = time.perf_counter()
+        k = observation.knowledge
+        if int(k.num_samples) != 1:
+            raise AttackError(f"R-GAP recovers one sample, the update holds {k.num_samples}: use batch 1")
+        if not isinstance(observation.protocol, FedSGD):
+            raise AttackError("R-GAP inverts a FedSGD gradient; this update is a FedAvg weight delta")
+        if observation.train_mode:
+            raise AttackError("R-GAP needs the model as a plain chain; train-mode BatchNorm is not one")
+        chain = layer_chain(observation.model, tuple(k.input_shape))
+        params, update = observation.parameters, observation.update
+        head = chain[-1]
+        if head.kind != "linear" or head.module.bias is None or head.activation != "identity":
+            raise AttackError("R-GAP starts from a fully connected classifier with a bias as the last layer")
+        for layer in chain[:-1]:
+            if not layer.invertible:
+                raise AttackError(
+                    f"the {layer.activation} after '{layer.name}' is not invertible: R-GAP cannot pass it"
+                )
+        db = update[f"{head.name}.bias"].double()
+        if float(db.norm()) == 0:
+            raise AttackError("the classifier's bias gradient is zero: nothing to start the recursion from")
+        x = update[f"{head.name}.weight"].double().T @ db / (db @ db)  # the classifier's input
+        grad_x = params[f"{head.name}.weight"].double().T @ db
+        residuals = [
+            {
+                "layer": head.name,
+                "forward": 0.0,
+                "gradient": float(
+                    (torch.outer(db, x) - update[f"{head.name}.weight"].double()).norm()
+                    / update[f"{head.name}.weight"].norm()
+                ),
+            }
+        ]
+        for layer in reversed(chain[:-1]):
+            y = x.reshape(layer.out_shape)
+            u = layer.inverse_activation(y)
+            delta = grad_x.reshape(layer.out_shape) * layer.activation_derivative(u)
+            bias = params.get(f"{layer.name}.bias")
+            sol = solve_layer(layer, params[f"{layer.name}.weight"], bias, u, delta, update[f"{layer.name}.weight"])
+            residuals.append({"layer": layer.name, "forward": sol.forward_residual, "gradient": sol.gradient_residual})
+            x = sol.inputs
+            w = params[f"{layer.name}.weight"].double()
+            if layer.kind == "linear":
+                grad_x = w.T @ delta.flatten()
+            else:
+                grad_x = torch.nn.grad.conv2d_input(
+                    (1, *layer.in_shape), w, delta[None], stride=layer.module.stride, padding=layer.module.padding
+                )[0]
+        image = x.reshape(1, *k.input_shape)
+        labels, label_source = labels_for(observation, method=self.settings.label_method)
+        return Reconstruction(
+            inputs=image.float(),
+            labels=labels,
+            attack=self.name,
+            settings={**self.settings_dict(), "label_source": label_source},
+            seconds=time.perf_counter() - start,
+            normalization=k.normalization,
+            extras={"residuals": residuals, "float64_inputs": image},
+        )
