@@ -18,14 +18,15 @@ from gradinv.experiment import run_attack
 CASES = (
     # attack, model, data, batch, iterations
     ("idlg", "lenet", "photos", 1, 100),
-    ("invgrad", "convnet", "photos", 1, 300),
-    ("invgrad", "convnet", "digits", 4, 300),
+    ("invgrad", "convnet", "photos", 1, 100),
+    ("invgrad", "lenet", "digits", 4, 300),
+    ("invgrad", "lenet", "digits", 8, 300),
 )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1")
     seeds = [int(s) for s in parser.parse_args().seeds.split(",")]
     rows, lines = [], []
     for attack, model, data, batch, iterations in CASES:

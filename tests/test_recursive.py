@@ -118,3 +118,45 @@ def test_cli_analyze(tmp_path, capsys):
     assert data["recoverable"] and len(data["layers"]) == 7
     assert main(["analyze", "--model", "convnet"]) == 2
     assert "BatchNorm2d" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("dtype", "floor"), [(torch.float32, 40), (torch.float64, 60)])
+def test_ppdl_spn_is_exact_on_its_single_layer_setting(dtype, floor, photos32):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 128, 5, stride=2, padding=2), nn.ReLU(), nn.Flatten(), nn.Linear(128 * 256, 9))
+    model = model.to(dtype)
+    images = photos32.images[3:4].to(dtype)
+    sc = Scenario.from_images(model, images, photos32.labels[3:4], normalization=photos32.normalization)
+    rec = build_attack("ppdl-spn").reconstruct(sc.observe())
+    assert float(psnr(rec.images, sc.ground_truth().images)) >= floor
+    assert rec.extras["gradient_residual"] < 1e-5
+
+
+def test_ppdl_spn_refuses_deeper_chains(photos32):
+    sc = Scenario.from_images(
+        build_model("cnn6", num_classes=9),
+        photos32.images[:1],
+        photos32.labels[:1],
+        normalization=photos32.normalization,
+    )
+    with pytest.raises(AttackError, match="rgap"):
+        build_attack("ppdl-spn").reconstruct(sc.observe())
+
+
+def test_ppdl_ahe_reads_every_fc_layer_and_single_sample_rows_of_a_batch(digits32):
+    from gradinv.attacks.imprint import score_recovered
+    from gradinv.data import sample_batch
+
+    model = build_model("mlp", num_classes=10, seed=0, hidden=(1024, 256))
+    x, y = sample_batch(digits32, batch_size=1, seed=0)
+    obs = Scenario.from_images(model, x, y, normalization=digits32.normalization).observe()
+    rec = build_attack("analytic").reconstruct(obs)
+    assert set(rec.extras["layer_inputs"]) == {"layers.0", "layers.1", "layers.2"}
+    with torch.no_grad():  # the classifier's input, read from its own rows, is the true hidden feature
+        hidden = model.act(model.layers[1](model.act(model.layers[0](digits32.normalization.normalize(x).flatten(1)))))
+    torch.testing.assert_close(rec.extras["layer_inputs"]["layers.2"].float(), hidden[0], rtol=1e-3, atol=1e-4)
+    for seed in range(3):  # batches: rows that only one sample activates give it exactly
+        x, y = sample_batch(digits32, batch_size=4, seed=seed)
+        sc = Scenario.from_images(model, x, y, normalization=digits32.normalization)
+        rec = build_attack("analytic").reconstruct(sc.observe())
+        assert score_recovered(rec.images, sc.ground_truth().images).fraction == 1.0

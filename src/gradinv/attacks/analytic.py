@@ -30,6 +30,7 @@ from gradinv.types import Observation, Reconstruction
 class AnalyticSettings:
     layer: str | None = None  # name of the fully connected layer to invert; default: the first one
     label_method: str = "auto"
+    duplicate_tolerance: float = 1e-3  # batches: rows whose inputs agree this closely (relative L2) are one sample
 
 
 def _first_linear(model: nn.Module) -> str:
@@ -53,6 +54,17 @@ def invert_rows(weight_grad: Tensor, bias_grad: Tensor) -> Tensor:
     return (g @ weight_grad.double()) / denom
 
 
+def _every_layer_input(observation: Observation) -> dict[str, Tensor]:
+    """The input of every fully connected layer with a bias, read from its own rows (batch 1)."""
+    out = {}
+    for layer_name, module in observation.model.named_modules():
+        if isinstance(module, nn.Linear) and f"{layer_name}.bias" in observation.update:
+            gb = observation.update[f"{layer_name}.bias"]
+            if float(gb.abs().sum()) > 0:
+                out[layer_name] = invert_rows(observation.update[f"{layer_name}.weight"], gb)
+    return out
+
+
 @register_attack
 class AnalyticFC(Attack):
     name = "analytic"
@@ -74,16 +86,9 @@ class AnalyticFC(Attack):
         batch = int(k.num_samples)
         labels: Tensor | None = None
         label_source = None
-        if batch == 1:
-            name = self.settings.layer or _first_linear(model)
-        else:
-            name = self.settings.layer or classifier_layer(model)[0]
-            if name != _first_linear(model):
-                raise AttackError(
-                    f"with {batch} samples the analytic attack reads one input per label from the classifier "
-                    f"'{name}', which must take the raw input (a linear model); use batch 1 or an "
-                    "iteration-based attack"
-                )
+        first = _first_linear(model)
+        per_label = batch > 1 and classifier_layer(model)[0] == first  # a linear model: one input per label
+        name = self.settings.layer or first
         layer = dict(model.named_modules()).get(name)
         if not isinstance(layer, nn.Linear):
             raise AttackError(f"'{name}' is not a fully connected layer of this model")
@@ -91,8 +96,15 @@ class AnalyticFC(Attack):
             raise AttackError(f"layer '{name}' has no bias: the analytic attack needs a bias gradient")
         gw = observation.update[f"{name}.weight"]
         gb = observation.update[f"{name}.bias"]
+        extras: dict = {}
         if batch == 1:
             rows = invert_rows(gw, gb)[None]
+            extras["layer_inputs"] = _every_layer_input(observation)
+        elif not per_label:
+            from gradinv.attacks.imprint import row_inputs
+
+            rows, _, found = row_inputs(observation, name, tolerance=self.settings.duplicate_tolerance)
+            extras.update(found)
         else:
             labels, label_source = labels_for(observation, method=self.settings.label_method)
             if len(torch.unique(labels)) != batch:
@@ -100,7 +112,7 @@ class AnalyticFC(Attack):
             rows = torch.stack([gw[c].double() / gb[c].double() for c in labels.tolist()])
         x = rows.float()
         if k.input_shape is not None and math.prod(k.input_shape) == x.shape[1]:
-            x = x.reshape(batch, *k.input_shape)
+            x = x.reshape(x.shape[0], *k.input_shape)
         if labels is None and observation.knowledge.labels is not None:
             labels, label_source = observation.knowledge.labels.clone(), "knowledge"
         elif labels is None:
@@ -116,5 +128,5 @@ class AnalyticFC(Attack):
             },
             seconds=time.perf_counter() - start,
             normalization=k.normalization,
-            extras={"float64_inputs": rows},
+            extras={**extras, "float64_inputs": rows},
         )

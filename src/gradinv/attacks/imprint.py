@@ -177,6 +177,54 @@ class RobbingTheFed(Attack):
         )
 
 
+def row_inputs(observation: Observation, name: str, *, tolerance: float) -> tuple[Tensor, tuple[int, ...], dict]:
+    """Inputs read from the rows of the fully connected layer ``name``: each row ``r`` with a non-zero bias
+    update gives ``dW_r / db_r``, exact when one sample alone drives the row (PPDL-AHE's batch case, and trap
+    weights). Candidates within ``tolerance`` (relative L2) are merged; groups are ranked in-range first (a
+    candidate whose de-normalised pixels leave ``[0, 1]`` is a mixture with weights of both signs), then by the
+    number of rows that agree, then by their summed ``|db_r|``; at most the batch size are returned."""
+    model = observation.model
+    gw, gb = _updates(observation, name)
+    rows = torch.nonzero(gb != 0).flatten()
+    candidates = gw[rows] / gb[rows, None]
+    strength = gb[rows].abs()
+    shape = _shape(observation, model, gw.shape[1])
+    violation = _out_of_range(candidates, observation, shape)
+    # greedy grouping, strongest rows first
+    by_strength = torch.argsort(strength, descending=True)
+    candidates, strength, violation = candidates[by_strength], strength[by_strength], violation[by_strength]
+    norms = candidates.norm(dim=1).clamp_min(1e-30)
+    group = torch.full((candidates.shape[0],), -1, dtype=torch.long)
+    heads: list[int] = []
+    for i in range(candidates.shape[0]):
+        if group[i] >= 0:
+            continue
+        group[i] = len(heads)
+        rest = torch.nonzero(group < 0).flatten()
+        if rest.numel():
+            dist = (candidates[rest] - candidates[i]).norm(dim=1) / torch.maximum(norms[rest], norms[i])
+            group[rest[dist < tolerance]] = len(heads)
+        heads.append(i)
+    size = torch.bincount(group, minlength=len(heads)).double() if heads else torch.zeros(0)
+    weight = torch.zeros(len(heads), dtype=torch.float64).index_add_(0, group, strength) if heads else size
+    head = torch.tensor(heads, dtype=torch.long)
+    bad = (violation[head] > 1e-3).double() if heads else size
+    # rank: in range first, then more agreeing rows, then stronger rows (lexicographic via stable sorts)
+    ranking = torch.arange(len(heads))
+    for key, descending in ((weight, True), (size, True), (bad, False)):
+        ranking = ranking[torch.sort(key[ranking], descending=descending, stable=True).indices]
+    batch = observation.knowledge.num_samples
+    keep = ranking if batch is None else ranking[:batch]
+    x = candidates[head[keep]] if heads else candidates
+    found = {
+        "active_rows": int(rows.numel()),
+        "distinct_candidates": len(heads),
+        "rows_per_input": size[keep].long().tolist() if heads else [],
+        "out_of_range": bad[keep].bool().tolist() if heads else [],
+    }
+    return x, shape, found
+
+
 @dataclass(frozen=True)
 class TrapWeightsSettings:
     #: two candidates are the same sample when their relative L2 distance is below this
@@ -218,38 +266,7 @@ class TrapWeights(Attack):
                 "trap-weights needs a model sent by a malicious trap-weights server: simulate one with "
                 "ThreatModel(server=TrapWeightsServer(...)) from gradinv.fl.malicious"
             )
-        gw, gb = _updates(observation, name)
-        rows = torch.nonzero(gb != 0).flatten()
-        candidates = gw[rows] / gb[rows, None]
-        strength = gb[rows].abs()
-        shape = _shape(observation, model, gw.shape[1])
-        violation = _out_of_range(candidates, observation, shape)
-        # greedy grouping, strongest rows first
-        by_strength = torch.argsort(strength, descending=True)
-        candidates, strength, violation = candidates[by_strength], strength[by_strength], violation[by_strength]
-        norms = candidates.norm(dim=1).clamp_min(1e-30)
-        group = torch.full((candidates.shape[0],), -1, dtype=torch.long)
-        heads: list[int] = []
-        for i in range(candidates.shape[0]):
-            if group[i] >= 0:
-                continue
-            group[i] = len(heads)
-            rest = torch.nonzero(group < 0).flatten()
-            if rest.numel():
-                dist = (candidates[rest] - candidates[i]).norm(dim=1) / torch.maximum(norms[rest], norms[i])
-                group[rest[dist < self.settings.duplicate_tolerance]] = len(heads)
-            heads.append(i)
-        size = torch.bincount(group, minlength=len(heads)).double() if heads else torch.zeros(0)
-        weight = torch.zeros(len(heads), dtype=torch.float64).index_add_(0, group, strength) if heads else size
-        head = torch.tensor(heads, dtype=torch.long)
-        bad = (violation[head] > 1e-3).double() if heads else size
-        # rank: in range first, then more agreeing rows, then stronger rows (lexicographic via stable sorts)
-        ranking = torch.arange(len(heads))
-        for key, descending in ((weight, True), (size, True), (bad, False)):
-            ranking = ranking[torch.sort(key[ranking], descending=descending, stable=True).indices]
-        batch = observation.knowledge.num_samples
-        keep = ranking if batch is None else ranking[:batch]
-        x = candidates[head[keep]] if heads else candidates
+        x, shape, found = row_inputs(observation, name, tolerance=self.settings.duplicate_tolerance)
         labels, label_source = _labels(observation, self.settings.label_method)
         return Reconstruction(
             inputs=x.float().reshape(-1, *shape),
@@ -262,12 +279,5 @@ class TrapWeights(Attack):
             },
             seconds=time.perf_counter() - start,
             normalization=observation.knowledge.normalization,
-            extras={
-                "layer": name,
-                "active_rows": int(rows.numel()),
-                "distinct_candidates": len(heads),
-                "rows_per_input": size[keep].long().tolist() if heads else [],
-                "out_of_range": bad[keep].bool().tolist() if heads else [],
-                "labels_aligned": False,
-            },
+            extras={"layer": name, **found, "labels_aligned": False},
         )

@@ -149,6 +149,43 @@ def solve_psd(normal: Tensor, rhs: Tensor) -> Tensor:
     return vec @ (inv * (vec.T @ rhs))
 
 
+def input_gradient(layer: ChainLayer, weight: Tensor, delta: Tensor) -> Tensor:
+    """``dL/dx = W^T delta`` for the layer's input (the transposed convolution for a conv layer)."""
+    w = weight.double()
+    if layer.kind == "linear":
+        return w.T @ delta.flatten()
+    conv = layer.module
+    return torch.nn.grad.conv2d_input((1, *layer.in_shape), w, delta[None], stride=conv.stride, padding=conv.padding)[0]
+
+
+def start_recursion(observation: Observation, attack: str) -> tuple[list[ChainLayer], Tensor, Tensor, list[dict]]:
+    """Check the setting of a recursive attack and read the classifier: the chain, the classifier's input
+    ``x = dW^T db / |db|^2``, its gradient ``W^T db`` and the first residual record."""
+    k = observation.knowledge
+    if int(k.num_samples) != 1:
+        raise AttackError(f"{attack} recovers one sample, the update holds {k.num_samples}: use batch 1")
+    if not isinstance(observation.protocol, FedSGD):
+        raise AttackError(f"{attack} inverts a FedSGD gradient; this update is a FedAvg weight delta")
+    if observation.train_mode:
+        raise AttackError(f"{attack} needs the model as a plain chain; train-mode BatchNorm is not one")
+    chain = layer_chain(observation.model, tuple(k.input_shape))
+    params, update = observation.parameters, observation.update
+    head = chain[-1]
+    if head.kind != "linear" or head.module.bias is None or head.activation != "identity":
+        raise AttackError(f"{attack} starts from a fully connected classifier with a bias as the last layer")
+    for layer in chain[:-1]:
+        if not layer.invertible:
+            raise AttackError(f"the {layer.activation} after '{layer.name}' is not invertible: {attack} cannot pass it")
+    db = update[f"{head.name}.bias"].double()
+    if float(db.norm()) == 0:
+        raise AttackError("the classifier's bias gradient is zero: nothing to start the recursion from")
+    gw = update[f"{head.name}.weight"].double()
+    x = gw.T @ db / (db @ db)
+    grad_x = params[f"{head.name}.weight"].double().T @ db
+    residual = float((torch.outer(db, x) - gw).norm() / gw.norm())
+    return chain, x, grad_x, [{"layer": head.name, "forward": 0.0, "gradient": residual}]
+
+
 @dataclass(frozen=True)
 class RGAPSettings:
     label_method: str = "auto"
@@ -166,37 +203,8 @@ class RGAP(Attack):
     ) -> Reconstruction:
         start = time.perf_counter()
         k = observation.knowledge
-        if int(k.num_samples) != 1:
-            raise AttackError(f"R-GAP recovers one sample, the update holds {k.num_samples}: use batch 1")
-        if not isinstance(observation.protocol, FedSGD):
-            raise AttackError("R-GAP inverts a FedSGD gradient; this update is a FedAvg weight delta")
-        if observation.train_mode:
-            raise AttackError("R-GAP needs the model as a plain chain; train-mode BatchNorm is not one")
-        chain = layer_chain(observation.model, tuple(k.input_shape))
+        chain, x, grad_x, residuals = start_recursion(observation, "R-GAP")
         params, update = observation.parameters, observation.update
-        head = chain[-1]
-        if head.kind != "linear" or head.module.bias is None or head.activation != "identity":
-            raise AttackError("R-GAP starts from a fully connected classifier with a bias as the last layer")
-        for layer in chain[:-1]:
-            if not layer.invertible:
-                raise AttackError(
-                    f"the {layer.activation} after '{layer.name}' is not invertible: R-GAP cannot pass it"
-                )
-        db = update[f"{head.name}.bias"].double()
-        if float(db.norm()) == 0:
-            raise AttackError("the classifier's bias gradient is zero: nothing to start the recursion from")
-        x = update[f"{head.name}.weight"].double().T @ db / (db @ db)  # the classifier's input
-        grad_x = params[f"{head.name}.weight"].double().T @ db
-        residuals = [
-            {
-                "layer": head.name,
-                "forward": 0.0,
-                "gradient": float(
-                    (torch.outer(db, x) - update[f"{head.name}.weight"].double()).norm()
-                    / update[f"{head.name}.weight"].norm()
-                ),
-            }
-        ]
         for layer in reversed(chain[:-1]):
             y = x.reshape(layer.out_shape)
             u = layer.inverse_activation(y)
@@ -205,13 +213,7 @@ class RGAP(Attack):
             sol = solve_layer(layer, params[f"{layer.name}.weight"], bias, u, delta, update[f"{layer.name}.weight"])
             residuals.append({"layer": layer.name, "forward": sol.forward_residual, "gradient": sol.gradient_residual})
             x = sol.inputs
-            w = params[f"{layer.name}.weight"].double()
-            if layer.kind == "linear":
-                grad_x = w.T @ delta.flatten()
-            else:
-                grad_x = torch.nn.grad.conv2d_input(
-                    (1, *layer.in_shape), w, delta[None], stride=layer.module.stride, padding=layer.module.padding
-                )[0]
+            grad_x = input_gradient(layer, params[f"{layer.name}.weight"], delta)
         image = x.reshape(1, *k.input_shape)
         labels, label_source = labels_for(observation, method=self.settings.label_method)
         return Reconstruction(
