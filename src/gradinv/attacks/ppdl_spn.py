@@ -28,11 +28,14 @@ from gradinv.errors import AttackError
 from gradinv.fl.protocols import FedSGD
 from gradinv.types import Observation, Reconstruction
 
+RELU_RTOL = 1e-7  # a ReLU output below this fraction of the largest is read as zero (inactive unit)
+
 
 def _derivative_from_output(layer: ChainLayer, h: Tensor) -> Tensor:
-    """The activation's derivative at the pre-activation, read from its output ``h``."""
+    """The activation's derivative at the pre-activation, read from its output ``h`` (for ReLU: active where
+    ``h`` is clearly positive, so that round-off or noise on an inactive unit does not switch it on)."""
     if layer.activation == "relu":
-        return (h > 0).double()
+        return (h > RELU_RTOL * h.abs().max()).double()
     return layer.activation_derivative(layer.inverse_activation(h))
 
 

@@ -121,6 +121,11 @@ def classifier_update(observation: Observation) -> ClassifierUpdate:
             f"the update holds no '{name}.weight': label recovery needs the classifier's update"
         ) from None
     b = observation.update.get(f"{name}.bias")
+    if not bool(w.any()) and (b is None or not bool(b.any())):
+        raise AttackError(
+            f"the classifier's update '{name}' is exactly zero (the model fits this batch to float precision): "
+            "it carries no label information"
+        )
     protocol = observation.protocol
     scale = -1.0 / (protocol.lr * protocol.local_steps) if isinstance(protocol, FedAvg) else 1.0
     return ClassifierUpdate(
