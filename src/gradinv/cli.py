@@ -160,6 +160,15 @@ def _data(args: argparse.Namespace) -> str | None:
     return None if str(args.data).lower() == "none" else args.data
 
 
+def _client_data(args: argparse.Namespace, command: str) -> str:
+    """The data a simulated client holds (checks ``--out`` first, so a bad path fails before any work)."""
+    _check_out(args.out)
+    data = _data(args)
+    if data is None:
+        raise ConfigError(f"{command} simulates clients, so it needs --data")
+    return data
+
+
 def _check_out(out: Path | None) -> None:
     if out is not None and out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' exists and is not a folder: choose a folder path")
@@ -209,10 +218,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
     if args.out is None:
         raise ConfigError("capture needs --out FOLDER to write the model and update into")
-    _check_out(args.out)
-    data = _data(args)
-    if data is None:
-        raise ConfigError("capture simulates a client, so it needs --data")
+    data = _client_data(args, "capture")
     client = setup_client(
         model=args.model,
         data=data,
@@ -256,10 +262,7 @@ def _cmd_labels(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"unknown label method {args.method!r}: choose one of auto, {', '.join(sorted(LABEL_METHODS))}"
         )
-    _check_out(args.out)
-    data = _data(args)
-    if data is None:
-        raise ConfigError("labels simulates clients, so it needs --data")
+    data = _client_data(args, "labels")
     case = prepare_case(
         model=args.model,
         data=data,

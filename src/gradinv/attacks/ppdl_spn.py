@@ -23,7 +23,7 @@ from torch import Tensor
 from gradinv.attacks.base import Attack, Callback, register_attack
 from gradinv.attacks.components.chain import ChainLayer, layer_chain
 from gradinv.attacks.labels import labels_for
-from gradinv.attacks.rgap import gradient_system, solve_psd
+from gradinv.attacks.rgap import classifier_input, gradient_system, solve_psd
 from gradinv.errors import AttackError
 from gradinv.fl.protocols import FedSGD
 from gradinv.types import Observation, Reconstruction
@@ -67,15 +67,10 @@ class PPDLSPN(Attack):
         conv, head = chain
         if conv.activation not in ("relu", "leaky_relu", "sigmoid", "tanh", "identity"):
             raise AttackError(f"PPDL-SPN cannot read the derivative of {conv.activation}")
-        params, update = observation.parameters, observation.update
-        db = update[f"{head.name}.bias"].double()
-        if float(db.norm()) == 0:
-            raise AttackError("the classifier's bias gradient is zero: the layer's input cannot be read")
-        h = (update[f"{head.name}.weight"].double().T @ db / (db @ db)).reshape(conv.out_shape)
-        delta = (params[f"{head.name}.weight"].double().T @ db).reshape(conv.out_shape) * _derivative_from_output(
-            conv, h
-        )
-        grad_weight = update[f"{conv.name}.weight"].double()
+        h, grad_h, _ = classifier_input(observation, head)
+        h = h.reshape(conv.out_shape)
+        delta = grad_h.reshape(conv.out_shape) * _derivative_from_output(conv, h)
+        grad_weight = observation.update[f"{conv.name}.weight"].double()
         normal, rhs = gradient_system(conv, delta, grad_weight)
         x = solve_psd(normal, rhs).reshape(1, *k.input_shape)
         predicted = torch.nn.grad.conv2d_weight(

@@ -169,21 +169,26 @@ def start_recursion(observation: Observation, attack: str) -> tuple[list[ChainLa
     if observation.train_mode:
         raise AttackError(f"{attack} needs the model as a plain chain; train-mode BatchNorm is not one")
     chain = layer_chain(observation.model, tuple(k.input_shape))
-    params, update = observation.parameters, observation.update
     head = chain[-1]
     if head.kind != "linear" or head.module.bias is None or head.activation != "identity":
         raise AttackError(f"{attack} starts from a fully connected classifier with a bias as the last layer")
     for layer in chain[:-1]:
         if not layer.invertible:
             raise AttackError(f"the {layer.activation} after '{layer.name}' is not invertible: {attack} cannot pass it")
-    db = update[f"{head.name}.bias"].double()
-    if float(db.norm()) == 0:
-        raise AttackError("the classifier's bias gradient is zero: nothing to start the recursion from")
-    gw = update[f"{head.name}.weight"].double()
-    x = gw.T @ db / (db @ db)
-    grad_x = params[f"{head.name}.weight"].double().T @ db
-    residual = float((torch.outer(db, x) - gw).norm() / gw.norm())
+    x, grad_x, residual = classifier_input(observation, head)
     return chain, x, grad_x, [{"layer": head.name, "forward": 0.0, "gradient": residual}]
+
+
+def classifier_input(observation: Observation, head: ChainLayer) -> tuple[Tensor, Tensor, float]:
+    """The fully connected classifier's input ``x = dW^T db / |db|^2`` (exact for one sample), the loss
+    gradient ``W^T db`` at it, and the relative residual of ``dW = db x^T``."""
+    db = observation.update[f"{head.name}.bias"].double()
+    if float(db.norm()) == 0:
+        raise AttackError("the classifier's bias gradient is zero: the layer's input cannot be read from it")
+    gw = observation.update[f"{head.name}.weight"].double()
+    x = gw.T @ db / (db @ db)
+    grad_x = observation.parameters[f"{head.name}.weight"].double().T @ db
+    return x, grad_x, float((torch.outer(db, x) - gw).norm() / gw.norm())
 
 
 @dataclass(frozen=True)
