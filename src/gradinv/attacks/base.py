@@ -21,6 +21,13 @@ from gradinv.types import GroundTruth, Observation, Reconstruction
 Callback = Callable[[int, float, Tensor], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelSettings:
+    """Settings of a closed-form attack whose only choice is where labels come from (see ``labels_for``)."""
+
+    label_method: str = "auto"
+
+
 class Attack(ABC):
     """Base class of every reconstruction attack.
 

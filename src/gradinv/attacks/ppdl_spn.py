@@ -15,12 +15,11 @@ the inverse of the system's smallest singular value (see bench/recursive.py).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from gradinv.attacks.base import Attack, Callback, register_attack
+from gradinv.attacks.base import Attack, Callback, LabelSettings, register_attack
 from gradinv.attacks.components.chain import ChainLayer, layer_chain
 from gradinv.attacks.labels import labels_for
 from gradinv.attacks.rgap import classifier_input, gradient_system, solve_psd
@@ -39,16 +38,11 @@ def _derivative_from_output(layer: ChainLayer, h: Tensor) -> Tensor:
     return layer.activation_derivative(layer.inverse_activation(h))
 
 
-@dataclass(frozen=True)
-class PPDLSPNSettings:
-    label_method: str = "auto"
-
-
 @register_attack
 class PPDLSPN(Attack):
     name = "ppdl-spn"
     summary = "PPDL-SPN (Fan et al. 2020): a conv layer as its stacked-filter FC equivalent, solved linearly"
-    Settings = PPDLSPNSettings
+    Settings = LabelSettings
     requires = ("input_shape", "num_samples")
 
     def _reconstruct(

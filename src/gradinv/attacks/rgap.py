@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradinv.attacks.base import Attack, Callback, register_attack
+from gradinv.attacks.base import Attack, Callback, LabelSettings, register_attack
 from gradinv.attacks.components.chain import ChainLayer, layer_chain
 from gradinv.attacks.labels import labels_for
 from gradinv.errors import AttackError
@@ -191,16 +191,11 @@ def classifier_input(observation: Observation, head: ChainLayer) -> tuple[Tensor
     return x, grad_x, float((torch.outer(db, x) - gw).norm() / gw.norm())
 
 
-@dataclass(frozen=True)
-class RGAPSettings:
-    label_method: str = "auto"
-
-
 @register_attack
 class RGAP(Attack):
     name = "rgap"
     summary = "R-GAP (Zhu & Blaschko 2021): layer-by-layer closed-form recursion, batch 1, invertible activations"
-    Settings = RGAPSettings
+    Settings = LabelSettings
     requires = ("input_shape", "num_samples")
 
     def _reconstruct(
