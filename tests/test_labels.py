@@ -189,9 +189,10 @@ def test_yin_is_always_right_on_distinct_labels(model_name, digits32):
         assert recover_labels(obs, method="yin").classes.tolist() == sorted(y.tolist())
 
 
-def test_ilrg_counts_on_an_untrained_fcn3_at_batch_24(digits32):
-    """iLRG's paper setting (FCN-3, batch 24): count accuracy >= 0.99 over 50 trials."""
-    model = build_model("mlp", num_classes=10, seed=0)
+@pytest.mark.parametrize("model_name", ["mlp", pytest.param("convnet", marks=pytest.mark.slow)])
+def test_ilrg_counts_on_an_untrained_model_at_batch_24(model_name, digits32):
+    """iLRG's paper setting (FCN-3, and the issue's ConvNet; batch 24): count accuracy >= 0.99 over 50 trials."""
+    model = build_model(model_name, num_classes=10, seed=0)
     scores = []
     for seed in range(50):
         x, y = sample_batch(digits32, batch_size=24, seed=seed)

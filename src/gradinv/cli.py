@@ -255,13 +255,10 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
 
 def _cmd_labels(args: argparse.Namespace) -> int:
-    from gradinv.attacks.labels import LABEL_METHODS
+    from gradinv.attacks.labels import check_methods
     from gradinv.label_bench import plot_counts, prepare_case, run_trials, save_trials, summarize
 
-    if args.method != "auto" and args.method not in LABEL_METHODS:
-        raise ConfigError(
-            f"unknown label method {args.method!r}: choose one of auto, {', '.join(sorted(LABEL_METHODS))}"
-        )
+    check_methods([args.method])  # before any model is built or trained
     data = _client_data(args, "labels")
     case = prepare_case(
         model=args.model,
@@ -296,14 +293,12 @@ def _cmd_labels(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from gradinv.attacks.labels import LABEL_METHODS
+    from gradinv.attacks.labels import LABEL_METHODS, check_methods
     from gradinv.label_bench import bench_labels, plot_accuracy, save_trials
 
     _check_out(args.out)
     methods = args.methods or sorted(LABEL_METHODS)
-    unknown = [m for m in methods if m not in LABEL_METHODS]
-    if unknown:
-        raise ConfigError(f"unknown label method(s) {unknown}: choose from {', '.join(sorted(LABEL_METHODS))}")
+    check_methods(methods, allow_auto=False)
     if any(b < 1 for b in args.batch_sizes):
         raise ConfigError("--batch-sizes must all be >= 1")
     records, rows = bench_labels(

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from gradinv.attacks.labels import LABEL_METHODS, recover_labels
+from gradinv.attacks.labels import check_methods, recover_labels
 from gradinv.data import load_dataset, sample_batch
 from gradinv.data.dataset import ImageDataset
 from gradinv.errors import ConfigError, GradinvError
@@ -93,9 +93,7 @@ def run_trials(
     """``trials`` batches (seeds ``seed``, ``seed + 1``, ...), each attacked by every method in ``methods``."""
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {trials}")
-    unknown = [m for m in methods if m != "auto" and m not in LABEL_METHODS]
-    if unknown:
-        raise ConfigError(f"unknown label method(s) {unknown}: choose from auto, {', '.join(sorted(LABEL_METHODS))}")
+    check_methods(methods)
     ds = case.dataset
     extra = max(0, min(AUXILIARY_SIZE, len(ds) - batch_size)) if "llg-plus" in methods else 0
     records: list[LabelTrial] = []

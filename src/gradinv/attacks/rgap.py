@@ -66,14 +66,16 @@ def _target(layer: ChainLayer, u: Tensor, bias: Tensor | None) -> Tensor:
     return u - (bias.double() if layer.kind == "linear" else bias.double()[:, None, None])
 
 
-def gradient_system(layer: ChainLayer, delta: Tensor, grad_weight: Tensor) -> tuple[Tensor, Tensor]:
+def gradient_system(
+    layer: ChainLayer, delta: Tensor, grad_weight: Tensor, *, index: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Normal equations of the gradient constraint alone: ``dL/dW = delta x^T`` (fully connected) or
     ``dL/dW[o, q] = sum_p delta[o, p] x[idx(q, p)]`` (convolution: the stacked-filter FC equivalent)."""
     delta, grad_weight = delta.double(), grad_weight.double()
     if layer.kind == "linear":
         d = delta.flatten()
         return (d @ d) * torch.eye(grad_weight.shape[1], dtype=torch.float64), grad_weight.T @ d
-    index = _unfold_index(layer.module, layer.in_shape)  # (Q, P)
+    index = _unfold_index(layer.module, layer.in_shape) if index is None else index  # (Q, P)
     valid = index >= 0
     n = int(torch.tensor(layer.in_shape).prod())
     d = delta.reshape(delta.shape[0], -1)  # (O, P)
@@ -91,7 +93,7 @@ def layer_system(
     if layer.kind == "linear":
         rhs_f = weight.T @ target
         normal_f = weight.T @ weight
-        normal_g, rhs_g = gradient_system(layer, delta, grad_weight)
+        index = None
     else:
         conv = layer.module
         index = _unfold_index(conv, layer.in_shape)  # (Q, P)
@@ -103,7 +105,7 @@ def layer_system(
         rhs_f = torch.nn.grad.conv2d_input(
             (1, *layer.in_shape), weight, target[None], stride=conv.stride, padding=conv.padding
         ).flatten()
-        normal_g, rhs_g = gradient_system(layer, delta, grad_weight)
+    normal_g, rhs_g = gradient_system(layer, delta, grad_weight, index=index)
     trace_f, trace_g = float(normal_f.diagonal().sum()), float(normal_g.diagonal().sum())
     alpha = trace_f / trace_g if trace_g > 0 else 0.0
     return normal_f + alpha * normal_g, rhs_f + alpha * rhs_g

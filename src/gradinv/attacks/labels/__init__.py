@@ -36,15 +36,22 @@ def auto_method(observation: Observation) -> str:
     return "ilrg" if classifier_update(observation).bias is not None else "fedavg-count"
 
 
+def check_methods(methods: list[str] | tuple[str, ...], *, allow_auto: bool = True) -> None:
+    """Raise one :class:`ConfigError` naming every unknown label method in ``methods``."""
+    known = (["auto"] if allow_auto else []) + sorted(LABEL_METHODS)
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ConfigError(f"unknown label method(s) {unknown}: choose from {', '.join(known)}")
+
+
 def recover_labels(observation: Observation, *, method: str = "auto", **options: Any) -> LabelEstimate:
     """Labels of the observed batch by a named method (``"auto"``: :func:`auto_method`).
 
     ``options`` go to the method (e.g. ``auxiliary=`` inputs for ``llg-plus``).
     """
+    check_methods([method])
     if method == "auto":
         method = auto_method(observation)
-    if method not in LABEL_METHODS:
-        raise ConfigError(f"unknown label method {method!r}: choose one of auto, {', '.join(sorted(LABEL_METHODS))}")
     return LABEL_METHODS[method](observation, **options)
 
 
@@ -65,6 +72,7 @@ __all__ = [
     "LabelEstimate",
     "LabelMethod",
     "auto_method",
+    "check_methods",
     "classifier_update",
     "labels_for",
     "recover_labels",

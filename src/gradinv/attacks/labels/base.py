@@ -46,7 +46,7 @@ class LabelEstimate:
     details: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_counts(cls, method: str, counts: Tensor, *, scores: Tensor | None = None, **details: Any):
+    def from_counts(cls, method: str, counts: Tensor, *, scores: Tensor | None = None, **details: Any) -> LabelEstimate:
         counts = counts.detach().to(torch.long).flatten()
         if (counts < 0).any():
             raise ValueError("label counts must be non-negative")
@@ -56,7 +56,7 @@ class LabelEstimate:
     @classmethod
     def from_classes(
         cls, method: str, classes: Tensor, *, num_classes: int, scores: Tensor | None = None, **details: Any
-    ):
+    ) -> LabelEstimate:
         classes = torch.unique(classes.detach().to(torch.long).flatten())
         return cls(method, num_classes, classes, None, None if scores is None else scores.detach(), details)
 
