@@ -54,8 +54,39 @@ def _int_list(text: str) -> list[int]:
     return [_nonneg(t) for t in _names(text)]
 
 
+def _scalar(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _model_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` for the model's builder; a comma-separated VALUE becomes a tuple (``channels=12,36,4``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. activation=sigmoid), got {text!r}")
+    parts = [_scalar(v.strip()) for v in value.split(",")]
+    return key.strip(), tuple(parts) if "," in value else parts[0]
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model-option",
+        dest="model_options",
+        type=_model_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the model's builder, repeatable (e.g. activation=sigmoid, channels=12,36,4,36,64,128)",
+    )
+
+
 def _add_run_options(p: argparse.ArgumentParser, *, model: str, data: str) -> None:
     p.add_argument("--model", default=model, help=f"model name (default {model}; see `gradinv list`)")
+    _add_model_options(p)
     p.add_argument("--data", default=data, help="digits, photos, a folder of images or an .npz file; 'none' to skip")
     p.add_argument("--image-size", type=_positive, default=32, help="image side in pixels (default 32)")
     p.add_argument("--batch-size", type=_positive, default=1, help="client batch size (default 1)")
@@ -134,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="rank analysis: which layers' updates determine their inputs (R-GAP)")
     an.add_argument("--model", default="cnn6", help="model name (default cnn6; see `gradinv list`)")
+    _add_model_options(an)
     an.add_argument("--image-size", type=_positive, default=32, help="image side in pixels (default 32)")
     an.add_argument("--channels", type=_positive, default=3, help="input channels (default 3)")
     an.add_argument("--num-classes", type=_positive, default=10, help="classes of the model (default 10)")
@@ -196,6 +228,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         protocol=_protocol(args),
         train_mode=args.train_mode,
         server=args.server,
+        model_options=dict(args.model_options),
         progress=not args.quiet,
     )
     m = result.metrics
@@ -229,6 +262,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         train_data=args.train_data,
         weights=args.weights,
         num_classes=args.num_classes,
+        model_options=dict(args.model_options),
     )
     model, ds, images, labels = client.model, client.dataset, client.images, client.labels
     protocol = _protocol(args)
@@ -240,6 +274,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     write_json_atomic(
         {
             "model": args.model,
+            "model_options": dict(args.model_options),
             "data": str(data),
             "image_size": args.image_size,
             "batch_size": args.batch_size,
@@ -269,6 +304,7 @@ def _cmd_labels(args: argparse.Namespace) -> int:
         num_classes=args.num_classes,
         protocol=_protocol(args),
         train_mode=args.train_mode,
+        model_options=dict(args.model_options),
     )
     records = run_trials(case, [args.method], batch_size=args.batch_size, trials=args.trials, seed=args.seed)
     if not args.quiet:
@@ -330,7 +366,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown model {args.model!r}: choose one of {', '.join(sorted(MODELS))}")
     _check_out(args.out)
     model = build_model(
-        args.model, num_classes=args.num_classes, in_channels=args.channels, image_size=args.image_size, seed=0
+        args.model,
+        num_classes=args.num_classes,
+        in_channels=args.channels,
+        image_size=args.image_size,
+        seed=0,
+        **dict(args.model_options),
     )
     report = analyze_model(model, (args.channels, args.image_size, args.image_size), numeric=args.numeric)
     print(f"{args.model} on {args.channels}x{args.image_size}x{args.image_size} inputs, batch 1\n")

@@ -49,8 +49,10 @@ def prepare_model(
     weights: str | Path | None = None,
     trained_steps: int = 0,
     dataset: ImageDataset | None = None,
+    model_options: Mapping[str, Any] | None = None,
 ) -> torch.nn.Module:
-    """Build a model by name, load saved weights, and train it briefly on ``dataset`` if asked.
+    """Build a model by name (with its builder's ``model_options``, e.g. ``{"channels": (12, 36, 4, 36, 64,
+    128)}`` for CNN6), load saved weights, and train it briefly on ``dataset`` if asked.
 
     Labels of ``dataset`` beyond the model's classes are an error, not silently wrapped.
     """
@@ -58,7 +60,9 @@ def prepare_model(
         raise ConfigError(f"unknown model {model_name!r}: choose one of {', '.join(sorted(MODELS))}")
     if trained_steps < 0:
         raise ConfigError(f"--trained-steps must be >= 0, got {trained_steps}")
-    model = build_model(model_name, num_classes=num_classes, in_channels=3, image_size=image_size, seed=seed)
+    model = build_model(
+        model_name, num_classes=num_classes, in_channels=3, image_size=image_size, seed=seed, **(model_options or {})
+    )
     if weights is not None:
         load_state_into(model, weights)
     if trained_steps:
@@ -101,6 +105,7 @@ def setup_client(
     train_data: str | Path = "digits",
     weights: str | Path | None = None,
     num_classes: int | None = None,
+    model_options: Mapping[str, Any] | None = None,
 ) -> Client:
     """Load the data, build (and optionally train or load) the model, and sample the client's batch.
 
@@ -124,6 +129,7 @@ def setup_client(
         weights=weights,
         trained_steps=trained_steps,
         dataset=train_set,
+        model_options=model_options,
     )
     images = labels = None
     if dataset is not None:
@@ -156,6 +162,7 @@ def run_attack(
     protocol: Protocol | None = None,
     train_mode: bool = False,
     server: str = "honest",
+    model_options: Mapping[str, Any] | None = None,
     progress: bool = False,
     callback=None,
 ) -> RunResult:
@@ -193,6 +200,7 @@ def run_attack(
         train_data=train_data,
         weights=weights,
         num_classes=num_classes,
+        model_options=model_options,
     )
     net, dataset, images, labels = client.model, client.dataset, client.images, client.labels
     truth: GroundTruth | None = None
@@ -228,6 +236,7 @@ def run_attack(
     metrics: dict[str, Any] = {
         "attack": attack,
         "model": model,
+        "model_options": dict(model_options or {}),
         "data": str(data) if data is not None else None,
         "batch_size": batch_size,
         "image_size": image_size,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,7 @@ def prepare_case(
     num_classes: int | None = None,
     protocol: Protocol | None = None,
     train_mode: bool = False,
+    model_options: Mapping[str, Any] | None = None,
 ) -> LabelCase:
     """Load ``data``, build ``model`` with enough classes, and train it ``trained_steps`` SGD steps on ``data``
     (the state a server sends mid-training on the task)."""
@@ -82,7 +83,13 @@ def prepare_case(
     if classes < dataset.num_classes:
         raise ConfigError(f"--num-classes {classes} is below the {dataset.num_classes} classes of '{dataset.name}'")
     net = prepare_model(
-        model, num_classes=classes, image_size=image_size, seed=seed, trained_steps=trained_steps, dataset=dataset
+        model,
+        num_classes=classes,
+        image_size=image_size,
+        seed=seed,
+        trained_steps=trained_steps,
+        dataset=dataset,
+        model_options=model_options,
     )
     return LabelCase(model, net, dataset, trained_steps, protocol or FedSGD(), train_mode)
 

@@ -41,6 +41,7 @@ class LayerSolution:
     inputs: Tensor  # float64, the layer's input shape
     forward_residual: float  # |W x - u| / |u|
     gradient_residual: float  # |G x - dW| / |dW|
+    full_rank: bool = True  # False: the joint system is rank-deficient and ``inputs`` is its minimum-norm solution
 
 
 def _unfold_index(layer: nn.Conv2d, in_shape: tuple[int, ...]) -> Tensor:
@@ -119,7 +120,7 @@ def solve_layer(
     normal, rhs = layer_system(layer, weight, bias, u, delta, grad_weight)
     weight, delta, grad_weight = weight.double(), delta.double(), grad_weight.double()
     target = _target(layer, u.double(), bias)
-    x = solve_psd(normal, rhs)
+    x, full_rank = _solve_psd(normal, rhs)
     if layer.kind == "linear":
         predicted = weight @ x
         grad_pred = torch.outer(delta.flatten(), x)
@@ -137,18 +138,23 @@ def solve_layer(
         )
     forward_res = float((predicted - target.flatten()).norm() / target.norm().clamp_min(1e-300))
     grad_res = float((grad_pred - grad_weight).norm() / grad_weight.norm().clamp_min(1e-300))
-    return LayerSolution(x.reshape(layer.in_shape), forward_res, grad_res)
+    return LayerSolution(x.reshape(layer.in_shape), forward_res, grad_res, full_rank)
 
 
 def solve_psd(normal: Tensor, rhs: Tensor) -> Tensor:
     """Least-squares solution of a symmetric positive semi-definite system (pseudo-inverse when singular)."""
+    return _solve_psd(normal, rhs)[0]
+
+
+def _solve_psd(normal: Tensor, rhs: Tensor) -> tuple[Tensor, bool]:
+    """:func:`solve_psd` and whether the system had full rank."""
     chol, info = torch.linalg.cholesky_ex(normal)
     pivots = chol.diagonal() ** 2
     if int(info) == 0 and float(pivots.min()) > PIVOT_RTOL * float(pivots.max()):
-        return torch.cholesky_solve(rhs[:, None], chol).flatten()
+        return torch.cholesky_solve(rhs[:, None], chol).flatten(), True
     eig, vec = torch.linalg.eigh(normal)  # singular: the minimum-norm least-squares solution
     inv = torch.where(eig > PIVOT_RTOL * eig.max(), 1.0 / eig, 0.0)
-    return vec @ (inv * (vec.T @ rhs))
+    return vec @ (inv * (vec.T @ rhs)), False
 
 
 def input_gradient(layer: ChainLayer, weight: Tensor, delta: Tensor) -> Tensor:
@@ -178,7 +184,7 @@ def start_recursion(observation: Observation, attack: str) -> tuple[list[ChainLa
         if not layer.invertible:
             raise AttackError(f"the {layer.activation} after '{layer.name}' is not invertible: {attack} cannot pass it")
     x, grad_x, residual = classifier_input(observation, head)
-    return chain, x, grad_x, [{"layer": head.name, "forward": 0.0, "gradient": residual}]
+    return chain, x, grad_x, [{"layer": head.name, "forward": 0.0, "gradient": residual, "full_rank": True}]
 
 
 def classifier_input(observation: Observation, head: ChainLayer) -> tuple[Tensor, Tensor, float]:
@@ -191,6 +197,56 @@ def classifier_input(observation: Observation, head: ChainLayer) -> tuple[Tensor
     x = gw.T @ db / (db @ db)
     grad_x = observation.parameters[f"{head.name}.weight"].double().T @ db
     return x, grad_x, float((torch.outer(db, x) - gw).norm() / gw.norm())
+
+
+@dataclass(frozen=True)
+class Descent:
+    """Where a recursion stopped: the input ``x`` of ``chain[stop]`` (the image when ``stop == 0``) and its loss
+    gradient, or, when it stopped at a rank-deficient layer, that layer's output ``u`` and ``delta = dL/du``."""
+
+    stop: int
+    x: Tensor
+    grad_x: Tensor
+    u: Tensor | None
+    delta: Tensor | None
+    residuals: list[dict]
+
+
+def descend(
+    observation: Observation,
+    chain: list[ChainLayer],
+    x: Tensor,
+    grad_x: Tensor,
+    residuals: list[dict],
+    *,
+    top: int | None = None,
+    stop_at_deficient: bool = False,
+) -> Descent:
+    """Run the recursion down the chain from the output ``x`` of layer ``top`` (default: the layer below the
+    classifier, ``x`` being the classifier's input), one :func:`solve_layer` per layer.
+
+    With ``stop_at_deficient`` it stops at the first (topmost) layer whose joint system is rank-deficient and
+    returns that layer's known output and output gradient along with its minimum-norm input."""
+    params, update = observation.parameters, observation.update
+    for i in range(len(chain) - 2 if top is None else top, -1, -1):
+        layer = chain[i]
+        u = layer.inverse_activation(x.reshape(layer.out_shape))
+        delta = grad_x.reshape(layer.out_shape) * layer.activation_derivative(u)
+        weight, bias = params[f"{layer.name}.weight"], params.get(f"{layer.name}.bias")
+        sol = solve_layer(layer, weight, bias, u, delta, update[f"{layer.name}.weight"])
+        residuals.append(
+            {
+                "layer": layer.name,
+                "forward": sol.forward_residual,
+                "gradient": sol.gradient_residual,
+                "full_rank": sol.full_rank,
+            }
+        )
+        if stop_at_deficient and not sol.full_rank:
+            return Descent(i, sol.inputs, input_gradient(layer, weight, delta), u, delta, residuals)
+        x = sol.inputs
+        grad_x = input_gradient(layer, weight, delta)
+    return Descent(0, x, grad_x, None, None, residuals)
 
 
 @register_attack
@@ -206,17 +262,7 @@ class RGAP(Attack):
         start = time.perf_counter()
         k = observation.knowledge
         chain, x, grad_x, residuals = start_recursion(observation, "R-GAP")
-        params, update = observation.parameters, observation.update
-        for layer in reversed(chain[:-1]):
-            y = x.reshape(layer.out_shape)
-            u = layer.inverse_activation(y)
-            delta = grad_x.reshape(layer.out_shape) * layer.activation_derivative(u)
-            bias = params.get(f"{layer.name}.bias")
-            sol = solve_layer(layer, params[f"{layer.name}.weight"], bias, u, delta, update[f"{layer.name}.weight"])
-            residuals.append({"layer": layer.name, "forward": sol.forward_residual, "gradient": sol.gradient_residual})
-            x = sol.inputs
-            grad_x = input_gradient(layer, params[f"{layer.name}.weight"], delta)
-        image = x.reshape(1, *k.input_shape)
+        image = descend(observation, chain, x, grad_x, residuals).x.reshape(1, *k.input_shape)
         labels, label_source = labels_for(observation, method=self.settings.label_method)
         return Reconstruction(
             inputs=image.float(),

@@ -38,6 +38,20 @@ class ChainLayer:
     def invertible(self) -> bool:
         return self.activation in INVERTIBLE
 
+    def activate(self, u: Tensor) -> Tensor:
+        """The activation applied to the pre-activation output ``u``."""
+        if self.activation == "identity":
+            return u
+        if self.activation == "leaky_relu":
+            return torch.where(u >= 0, u, u * self.slope)
+        if self.activation == "sigmoid":
+            return torch.sigmoid(u)
+        if self.activation == "tanh":
+            return torch.tanh(u)
+        if self.activation == "relu":
+            return torch.relu(u)
+        raise AttackError(f"unknown activation {self.activation!r} after '{self.name}'")
+
     def inverse_activation(self, y: Tensor) -> Tensor:
         if self.activation == "identity":
             return y
