@@ -8,7 +8,7 @@ from gradinv.attacks import ATTACKS, build_attack
 from gradinv.attacks.components.objectives import cosine
 from gradinv.attacks.components.replay import matching_cost
 from gradinv.attacks.labels import recover_labels
-from gradinv.data import sample_batch
+from gradinv.data import load_dataset, sample_batch
 from gradinv.errors import AttackError, ConfigError, MissingKnowledgeError
 from gradinv.fl import FedAvg, Scenario
 from gradinv.metrics import score_images
@@ -115,7 +115,7 @@ def test_dlg_and_idlg_reduce_cost(digits32):
         assert rec.labels.shape == (1,)
 
 
-def _case_for(name: str, digits32):
+def _case_for(name: str, digits32, deficient_chain):
     """A scenario each attack accepts: its paper's setting, small enough for a quick test."""
     from torch import nn
 
@@ -131,6 +131,9 @@ def _case_for(name: str, digits32):
             threat = ThreatModel(server=TrapWeightsServer(normalization=norm))
     elif name == "rgap":
         model = build_model("mlp", num_classes=10, seed=0, activation="leaky_relu", hidden=(32,))
+    elif name == "copa":
+        model = deficient_chain("sigmoid")
+        digits32 = load_dataset("digits", image_size=16, channels=3)
     elif name == "ppdl-spn":
         model = nn.Sequential(nn.Conv2d(3, 64, 5, stride=4, padding=2), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 64, 10))
     else:
@@ -139,8 +142,8 @@ def _case_for(name: str, digits32):
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
-def test_attack_leaves_model_unchanged_and_no_hooks(name, digits32):
-    obs = _case_for(name, digits32).observe()
+def test_attack_leaves_model_unchanged_and_no_hooks(name, digits32, deficient_chain):
+    obs = _case_for(name, digits32, deficient_chain).observe()
     before = {k: v.clone() for k, v in obs.model.state_dict().items()}
     fields = ATTACKS[name].Settings.__dataclass_fields__
     build_attack(name, **({"iterations": 3} if "iterations" in fields else {})).reconstruct(obs)
