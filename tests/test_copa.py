@@ -37,6 +37,10 @@ def test_the_rank_analysis_calls_the_test_chain_deficient(deficient_chain):
     report = rank_analysis(deficient_chain(), (3, 16, 16))
     assert not report.recoverable
     assert [r.deficit > 0 for r in report.layers] == [False, True, False]
+    assert report.copa_count == "COPA: layers 0..2 jointly give 1264 constraints for 768 image values (enough)"
+    first = rank_analysis(build_model("cnn6", num_classes=10, channels=(4, 36, 36, 36, 64, 128)), (3, 32, 32))
+    assert "nothing below it" in first.copa_count
+    assert rank_analysis(build_model("cnn6", num_classes=10), (3, 32, 32)).copa_count is None
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

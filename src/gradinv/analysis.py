@@ -67,7 +67,27 @@ class RankReport:
                 f"| {r.verdict} |"
             )
         verdict = "recoverable" if self.recoverable else "not recoverable"
-        return "\n".join(rows) + f"\n\nR-GAP prediction: {verdict} ({self.reason})"
+        text = "\n".join(rows) + f"\n\nR-GAP prediction: {verdict} ({self.reason})"
+        return text if self.copa_count is None else text + f"\n{self.copa_count}"
+
+    @property
+    def copa_count(self) -> str | None:
+        """COPA's count where a layer is deficient: from the topmost deficient layer down, its own constraints
+        plus the gradient constraints of the layers below, against the image's unknowns (necessary, not
+        sufficient: the joint problem is nonlinear)."""
+        deficient = [i for i, r in enumerate(self.layers) if r.deficit > 0]
+        if not deficient:
+            return None
+        top = deficient[-1]
+        if top == 0:
+            return f"COPA: {self.layers[0].name} is the first layer; nothing below it to pull back through"
+        joint = self.layers[top].constraints + sum(r.gradient for r in self.layers[:top])
+        unknowns = self.layers[0].unknowns
+        enough = "enough" if joint >= unknowns else "too few"
+        return (
+            f"COPA: layers {self.layers[0].name}..{self.layers[top].name} jointly give {joint} constraints for "
+            f"{unknowns} image values ({enough})"
+        )
 
 
 def _counts(layer: ChainLayer, *, is_head: bool) -> tuple[int, int, int]:

@@ -383,7 +383,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             tmp.write_text(report.table() + "\n")
         layers = [{**asdict(r), "verdict": r.verdict, "deficit": r.deficit} for r in report.layers]
         write_json_atomic(
-            {"model": args.model, "recoverable": report.recoverable, "reason": report.reason, "layers": layers},
+            {
+                "model": args.model,
+                "model_options": dict(args.model_options),
+                "recoverable": report.recoverable,
+                "reason": report.reason,
+                "copa": report.copa_count,
+                "layers": layers,
+            },
             args.out / "analysis.json",
         )
     return 0
