@@ -24,6 +24,11 @@ the exact input; with LeakyReLU it is piecewise quadratic in the activation patt
 minimum. Where no layer is deficient COPA returns R-GAP's exact answer; where the deficient layer is the first
 one there is nothing below to pull back through and COPA can only return the least-squares solution nearest
 its start.
+
+``smooth > 0`` (not in the paper; off by default) first solves with an image prior added, ``smooth`` times the
+squared RMS of neighbouring-pixel differences, then solves again without it from there: the prior chooses the
+basin (LeakyReLU) and the part of the image no constraint determines, while the final answer still meets the
+constraints as closely as the prior-free problem allows.
 """
 
 from __future__ import annotations
@@ -57,9 +62,10 @@ class COPASettings:
     """COPA's choices: labels as in ``labels_for``, Levenberg-Marquardt steps and the starting image."""
 
     label_method: str = "auto"
-    iterations: int = 50
+    iterations: int = 50  # Levenberg-Marquardt steps (per stage)
     init: str = "zero"
     damping: float = 1e-3  # initial damping relative to the mean diagonal of J^T J
+    smooth: float = 0.0  # > 0: a first stage adds this weight x the RMS of neighbouring-pixel differences
 
 
 def _apply(layer: ChainLayer, weight: Tensor, bias: Tensor | None, a: Tensor) -> Tensor:
@@ -118,6 +124,21 @@ def joint_residual(
         return torch.cat(parts)
 
     return residual
+
+
+def pixel_differences(shape: tuple[int, ...]) -> Callable[[Tensor], Tensor]:
+    """Differences of vertically and horizontally neighbouring pixels of a flattened (C, H, W) image, scaled
+    to their root mean square."""
+    if len(shape) != 3:
+        raise ConfigError(f"COPA's smooth start needs (C, H, W) images, the model takes inputs of shape {shape}")
+    c, h, w = shape
+    scale = (c * ((h - 1) * w + h * (w - 1))) ** -0.5
+
+    def differences(x: Tensor) -> Tensor:
+        img = x.reshape(shape)
+        return torch.cat([(img[:, 1:] - img[:, :-1]).flatten(), (img[:, :, 1:] - img[:, :, :-1]).flatten()]) * scale
+
+    return differences
 
 
 def levenberg_marquardt(
@@ -182,6 +203,8 @@ class COPA(Attack):
             raise ConfigError(f"COPA init must be one of {', '.join(INITS)}, got {s.init!r}")
         if s.iterations < 1:
             raise ConfigError(f"COPA needs at least 1 iteration, got {s.iterations}")
+        if not s.smooth >= 0:
+            raise ConfigError(f"COPA's smooth weight must be >= 0, got {s.smooth}")
         start = time.perf_counter()
         k = observation.knowledge
         shape = (1, *k.input_shape)
@@ -197,16 +220,24 @@ class COPA(Attack):
             else:
                 x0 = torch.zeros(math.prod(k.input_shape), dtype=torch.float64)
             residual = joint_residual(observation, chain, found.stop, found.u, found.delta)
-            solution, cost, points, steps = levenberg_marquardt(
-                residual,
-                x0,
-                iterations=s.iterations,
-                damping=s.damping,
-                progress=progress,
-                callback=callback,
-                start=start,
-                shape=shape,
-            )
+            stages = [residual]
+            if s.smooth > 0:  # the prior picks the basin and the null-space part; the last stage drops it
+                differences, weight = pixel_differences(tuple(k.input_shape)), math.sqrt(s.smooth)
+                stages.insert(0, lambda x: torch.cat([residual(x), weight * differences(x)]))
+            solution, points, steps = x0, [], 0
+            for stage in stages:
+                solution, cost, stage_points, stage_steps = levenberg_marquardt(
+                    stage,
+                    solution,
+                    iterations=s.iterations,
+                    damping=s.damping,
+                    progress=progress,
+                    callback=callback,
+                    start=start,
+                    shape=shape,
+                )
+                points += stage_points
+                steps += stage_steps
             image = solution.reshape(shape)
             trace = tuple(points)
             extras.update(
