@@ -5,7 +5,7 @@ Each row: the rank analysis' verdict (before any attack), then the median PSNR o
 and COPA with a smooth start (``smooth=SMOOTH``: a first stage with a pixel-difference prior, then the paper's
 objective from there), COPA's seconds and the cost (sum of squared relative residuals) its joint least squares
 ended at; per-photo values are in copa.json.
-Usage: python bench/copa.py [--photos 3]
+Usage: python bench/copa.py [--photos 2]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ SMOOTH = 0.1
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--photos", type=int, default=3)
+    parser.add_argument("--photos", type=int, default=2)
     args = parser.parse_args()
     ds = load_dataset("photos", image_size=32, channels=3)
     lines = [

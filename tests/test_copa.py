@@ -120,9 +120,12 @@ def test_smooth_start_needs_images():
 def test_cli_copa_with_model_options(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["attack", "copa", "--model", "cnn6", "--model-option", "activation=sigmoid", "--quiet", "--out", str(out)]
-    assert main(args) == 0
+    assert main([*args, "--attack-option", "smooth=0.5", "--attack-option", "init=rgap"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model_options"] == {"activation": "sigmoid"} and metrics["psnr"] >= 40
+    assert metrics["attack_settings"]["smooth"] == 0.5 and metrics["attack_settings"]["init"] == "rgap"
+    assert main(["attack", "copa", "--model", "cnn6", "--attack-option", "restarts=2"]) == 2
+    assert "copa has no setting(s) ['restarts']" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # argparse's own usage error
         main(["attack", "copa", "--model", "cnn6", "--model-option", "width"])
     assert exc.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err

@@ -63,8 +63,9 @@ def _scalar(text: str) -> int | float | str:
     return text
 
 
-def _model_option(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` for the model's builder; a comma-separated VALUE becomes a tuple (``channels=12,36,4``)."""
+def _key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` for a model's builder or an attack's settings; a comma-separated VALUE becomes a tuple
+    (``channels=12,36,4``)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip() or not value.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. activation=sigmoid), got {text!r}")
@@ -76,7 +77,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model-option",
         dest="model_options",
-        type=_model_option,
+        type=_key_value,
         action="append",
         default=[],
         metavar="KEY=VALUE",
@@ -125,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--server",
         default="honest",
         help="honest (default) or a malicious server's modification: imprint[:BINS] (Robbing the Fed), trap[:SCALE]",
+    )
+    a.add_argument(
+        "--attack-option",
+        dest="attack_options",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one of the attack's settings, repeatable (e.g. smooth=0.1 for copa, tv_weight=0.01 for invgrad)",
     )
     a.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -229,6 +239,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         train_mode=args.train_mode,
         server=args.server,
         model_options=dict(args.model_options),
+        attack_settings=dict(args.attack_options),
         progress=not args.quiet,
     )
     m = result.metrics

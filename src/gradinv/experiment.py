@@ -250,6 +250,7 @@ def run_attack(
         "train_mode": train_mode,
         "server": server,
         "label_source": rec.settings.get("label_source"),
+        "attack_settings": {k: v for k, v in rec.settings.items() if k != "label_source"},
         "psnr": None,
         "psnr_per_sample": None,
         "ssim": None,
