@@ -108,6 +108,8 @@ def test_copa_is_deterministic_and_checks_its_settings(deficient_chain, photos16
         build_attack("copa", smooth=-1.0).reconstruct(obs)
     smooth = build_attack("copa", smooth=0.1).reconstruct(obs)  # the prior stage does not cost exactness
     assert float(psnr(smooth.images, sc.ground_truth().images)) >= 60
+    iterations = [p.iteration for p in smooth.trace]
+    assert iterations == sorted(iterations) and iterations[-1] >= smooth.extras["steps"]
 
 
 def test_smooth_start_needs_images():

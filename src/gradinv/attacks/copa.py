@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -205,6 +205,8 @@ class COPA(Attack):
             raise ConfigError(f"COPA needs at least 1 iteration, got {s.iterations}")
         if not s.smooth >= 0:
             raise ConfigError(f"COPA's smooth weight must be >= 0, got {s.smooth}")
+        if not s.damping > 0:
+            raise ConfigError(f"COPA's damping must be > 0, got {s.damping}")
         start = time.perf_counter()
         k = observation.knowledge
         shape = (1, *k.input_shape)
@@ -236,7 +238,8 @@ class COPA(Attack):
                     start=start,
                     shape=shape,
                 )
-                points += stage_points
+                offset = points[-1].iteration if points else 0  # one numbering across the stages
+                points += [replace(p, iteration=p.iteration + offset) for p in stage_points]
                 steps += stage_steps
             image = solution.reshape(shape)
             trace = tuple(points)
