@@ -30,13 +30,17 @@ test: lint
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# About an hour on 2 CPU cores; results land in bench/results/.
+# Several hours on 2 CPU cores; results land in bench/results/.
 bench: $(STAMP)
 	$(PY) bench/restarts.py
 	$(PY) bench/time_to_psnr.py
 	$(PY) bench/invgrad_quality.py
 	$(PY) bench/labels.py
 	$(PY) bench/labels_in_attacks.py
+	$(PY) bench/label_speed.py
+	$(PY) bench/recursive.py
+	$(PY) bench/imprint.py
+	$(PY) bench/copa.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
