@@ -138,6 +138,10 @@ def _bad_cases(tmp_path):
         "image too small": ["attack", "invgrad", "--model", "convnet", "--image-size", "8"],
         "corrupt update": ["attack", "analytic", "--model", "mlp", "--update", str(corrupt)],
         "bad integer": ["attack", "invgrad", "--iterations", "-3"],
+        "bad model option value": ["attack", "rgap", "--model", "cnn6", "--model-option", "channels=abc"],
+        "model option not a list": ["labels", "auto", "--model", "cnn6", "--model-option", "channels=4"],
+        "bad attack option value": ["attack", "copa", "--model", "cnn6", "--attack-option", "iterations=abc"],
+        "not a KEY=VALUE": ["attack", "copa", "--model", "cnn6", "--attack-option", "smooth"],
     }
 
 
@@ -158,6 +162,10 @@ def _exit_code(argv):
         "image too small",
         "corrupt update",
         "bad integer",
+        "bad model option value",
+        "model option not a list",
+        "bad attack option value",
+        "not a KEY=VALUE",
     ],
 )
 def test_user_mistakes_give_one_line_and_exit_2(case, tmp_path, capsys):
@@ -166,6 +174,7 @@ def test_user_mistakes_give_one_line_and_exit_2(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err and err.startswith("gradinv: error:")
+    assert "unrecognized arguments" not in err  # the case's own mistake, not a flag the command lacks
     assert not out.exists()
 
 

@@ -8,6 +8,7 @@ paper's hyper-parameters as defaults) plus a short ``_reconstruct``.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -28,6 +29,20 @@ class LabelSettings:
     label_method: str = "auto"
 
 
+def _check_types(attack: str, settings: type, values: dict[str, Any]) -> None:
+    """Refuse a setting whose value is not of the field's plain type (int, float, str, bool)."""
+    hints = typing.get_type_hints(settings)
+    for key, value in values.items():
+        kind = hints.get(key)
+        if kind not in (int, float, str, bool):
+            continue
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise ConfigError(f"{attack} setting {key!r} must be {kind.__name__}, got {value!r}")
+
+
 class Attack(ABC):
     """Base class of every reconstruction attack.
 
@@ -46,6 +61,7 @@ class Attack(ABC):
         unknown = sorted(set(overrides) - valid)
         if unknown:
             raise ConfigError(f"{self.name} has no setting(s) {unknown}; its settings are {sorted(valid)}")
+        _check_types(self.name, self.Settings, overrides)
         self.settings = dataclasses.replace(base, **overrides)
 
     def __repr__(self) -> str:

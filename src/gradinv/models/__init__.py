@@ -101,7 +101,10 @@ def build_model(
 
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
-        model = builder(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **options)
+        try:
+            model = builder(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **options)
+        except (TypeError, ValueError) as err:  # an option of the wrong kind (e.g. channels=abc)
+            raise ConfigError(f"model {name!r} cannot take the options {options}: {err}") from err
 
     was_training = model.training
     model.eval()
