@@ -12,7 +12,7 @@ import inspect
 import torch
 from torch import nn
 
-from gradinv.errors import ConfigError, ShapeError
+from gradinv.errors import ConfigError, GradinvError, ShapeError
 from gradinv.models._registry import MODEL_INFO, MODELS, ModelInfo, register_model
 
 # Importing a model file registers its builders.
@@ -103,6 +103,8 @@ def build_model(
         torch.random.default_generator.manual_seed(seed)
         try:
             model = builder(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **options)
+        except GradinvError:
+            raise
         except (TypeError, ValueError) as err:  # an option of the wrong kind (e.g. channels=abc)
             raise ConfigError(f"model {name!r} cannot take the options {options}: {err}") from err
 
