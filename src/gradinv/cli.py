@@ -73,15 +73,16 @@ def _key_value(text: str) -> tuple[str, object]:
     return key.strip(), tuple(parts) if "," in value else parts[0]
 
 
+def _add_key_values(p: argparse.ArgumentParser, flag: str, help: str) -> None:
+    dest = flag.removeprefix("--").replace("-", "_") + "s"
+    p.add_argument(flag, dest=dest, type=_key_value, action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+    _add_key_values(
+        p,
         "--model-option",
-        dest="model_options",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of the model's builder, repeatable (e.g. activation=sigmoid, channels=12,36,4,36,64,128)",
+        "an option of the model's builder, repeatable (e.g. activation=sigmoid, channels=12,36,4,36,64,128)",
     )
 
 
@@ -127,14 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="honest",
         help="honest (default) or a malicious server's modification: imprint[:BINS] (Robbing the Fed), trap[:SCALE]",
     )
-    a.add_argument(
-        "--attack-option",
-        dest="attack_options",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="one of the attack's settings, repeatable (e.g. smooth=0.1 for copa, tv_weight=0.01 for invgrad)",
+    _add_key_values(
+        a, "--attack-option", "one of the attack's settings, repeatable (e.g. smooth=0.1 for copa, tv_weight=0.01)"
     )
     a.add_argument("--quiet", action="store_true", help="no progress bar")
 
