@@ -36,10 +36,8 @@ def _check_types(attack: str, settings: type, values: dict[str, Any]) -> None:
         kind = hints.get(key)
         if kind not in (int, float, str, bool):
             continue
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok:
+        allowed = (int, float) if kind is float else kind  # an int is a fine float; a bool is only a bool
+        if not isinstance(value, allowed) or (isinstance(value, bool) and kind is not bool):
             raise ConfigError(f"{attack} setting {key!r} must be {kind.__name__}, got {value!r}")
 
 

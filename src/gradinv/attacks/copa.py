@@ -39,14 +39,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from gradinv.attacks.base import Attack, Callback, register_attack
 from gradinv.attacks.components.chain import ChainLayer
 from gradinv.attacks.labels import labels_for
-from gradinv.attacks.rgap import descend, input_gradient, start_recursion
+from gradinv.attacks.rgap import descend, input_gradient, layer_output, start_recursion, weight_gradient
 from gradinv.errors import ConfigError
 from gradinv.types import Observation, Reconstruction, TracePoint
 
@@ -68,20 +67,6 @@ class COPASettings:
     smooth: float = 0.0  # > 0: a first stage adds this weight x the RMS of neighbouring-pixel differences
 
 
-def _apply(layer: ChainLayer, weight: Tensor, bias: Tensor | None, a: Tensor) -> Tensor:
-    if layer.kind == "linear":
-        return F.linear(a.flatten(), weight, bias)
-    conv = layer.module
-    return F.conv2d(a[None], weight, bias, stride=conv.stride, padding=conv.padding)[0]
-
-
-def _weight_gradient(layer: ChainLayer, weight: Tensor, a: Tensor, delta: Tensor) -> Tensor:
-    if layer.kind == "linear":
-        return torch.outer(delta.flatten(), a.flatten())
-    conv = layer.module
-    return torch.nn.grad.conv2d_weight(a[None], weight.shape, delta[None], stride=conv.stride, padding=conv.padding)
-
-
 def joint_residual(
     observation: Observation, chain: list[ChainLayer], stop: int, u: Tensor, delta: Tensor
 ) -> Callable[[Tensor], Tensor]:
@@ -91,35 +76,44 @@ def joint_residual(
     weights = [params[f"{layer.name}.weight"].double() for layer in chain[: stop + 1]]
     biases = [params.get(f"{layer.name}.bias") for layer in chain[: stop + 1]]
     biases = [None if b is None else b.double() for b in biases]
-    observed = [update[f"{layer.name}.weight"].double() for layer in chain[: stop + 1]]
-    observed_bias = [update.get(f"{layer.name}.bias") for layer in chain[:stop]]
     top = chain[stop]
-    u, delta = u.double(), delta.double()
+    delta = delta.double()
     pulled = input_gradient(top, weights[stop], delta)  # dL/da_stop, known from above
 
-    def scaled(value: Tensor, target: Tensor) -> Tensor:
-        norm = float(target.norm())
-        return (value.flatten() - target.flatten()) / norm if norm > 0 else value.new_zeros(0)
+    def target(value: Tensor | None) -> tuple[Tensor, float] | None:
+        """An observed tensor, flattened, with the inverse of its norm (None: absent or zero, no residual)."""
+        if value is None or float(value.norm()) == 0:
+            return None
+        flat = value.double().flatten()
+        return flat, 1.0 / float(flat.norm())
+
+    # the observed side of every block, prepared once: the residual runs once per column of each Jacobian
+    output = target(u)
+    observed = [target(update[f"{layer.name}.weight"]) for layer in chain[: stop + 1]]
+    observed_bias = [target(update.get(f"{layer.name}.bias")) for layer in chain[:stop]]
+
+    def scaled(value: Tensor, observed: tuple[Tensor, float] | None) -> Tensor:
+        return value.new_zeros(0) if observed is None else (value.flatten() - observed[0]) * observed[1]
 
     def residual(x: Tensor) -> Tensor:
         a = x.reshape(chain[0].in_shape)
         inputs, pre = [], []
         for j in range(stop):
             inputs.append(a)
-            z = _apply(chain[j], weights[j], biases[j], a).reshape(chain[j].out_shape)
+            z = layer_output(chain[j], weights[j], biases[j], a).reshape(chain[j].out_shape)
             pre.append(z)
             a = chain[j].activate(z)
         parts = [
-            scaled(_apply(top, weights[stop], biases[stop], a), u),
-            scaled(_weight_gradient(top, weights[stop], a, delta), observed[stop]),
+            scaled(layer_output(top, weights[stop], biases[stop], a), output),
+            scaled(weight_gradient(top, weights[stop], a, delta), observed[stop]),
         ]
         grad = pulled.reshape(top.in_shape)
         for j in range(stop - 1, -1, -1):
             d = grad * chain[j].activation_derivative(pre[j])
-            parts.append(scaled(_weight_gradient(chain[j], weights[j], inputs[j], d), observed[j]))
+            parts.append(scaled(weight_gradient(chain[j], weights[j], inputs[j], d), observed[j]))
             if observed_bias[j] is not None:
                 db = d.sum(dim=tuple(range(1, d.dim()))) if chain[j].kind == "conv" else d.flatten()
-                parts.append(scaled(db, observed_bias[j].double()))
+                parts.append(scaled(db, observed_bias[j]))
             grad = input_gradient(chain[j], weights[j], d).reshape(chain[j].in_shape)
         return torch.cat(parts)
 
@@ -155,13 +149,13 @@ def levenberg_marquardt(
     """Minimise ``|residual(x)|^2`` by Levenberg-Marquardt with the exact Jacobian; returns the point, its cost,
     the trace and the number of accepted steps."""
     x = x0.clone()
-    cost = float(residual(x).square().sum())
+    r = residual(x)
+    cost = float(r.square().sum())
     trace = [TracePoint(iteration=0, seconds=time.perf_counter() - start, cost=cost)]
     lam, stalled, steps = None, 0, 0
     for it in tqdm(range(iterations), desc="COPA", disable=not progress, leave=False):
         if cost <= COST_FLOOR:
             break
-        r = residual(x)
         jac = torch.func.jacfwd(residual)(x)
         normal, grad = jac.T @ jac, jac.T @ r
         diag = normal.diagonal().clamp_min(1e-12 * float(normal.diagonal().max()))
@@ -170,7 +164,8 @@ def levenberg_marquardt(
         for _ in range(MAX_DAMPING_TRIES):
             step = torch.linalg.solve(normal + lam * torch.diag(diag), grad)
             candidate = x - step
-            new_cost = float(residual(candidate).square().sum())
+            candidate_r = residual(candidate)
+            new_cost = float(candidate_r.square().sum())
             if new_cost < cost:
                 lam /= 3
                 break
@@ -178,7 +173,7 @@ def levenberg_marquardt(
         if not new_cost < cost:
             break  # no damping gives a decrease: a (local) minimum
         stalled = stalled + 1 if cost - new_cost < STALL_RTOL * cost else 0
-        x, cost, steps = candidate, new_cost, steps + 1
+        x, r, cost, steps = candidate, candidate_r, new_cost, steps + 1
         elapsed = time.perf_counter() - start
         trace.append(TracePoint(iteration=it + 1, seconds=elapsed, cost=cost))
         if callback is not None:

@@ -121,24 +121,12 @@ def solve_layer(
     weight, delta, grad_weight = weight.double(), delta.double(), grad_weight.double()
     target = _target(layer, u.double(), bias)
     x, full_rank = _solve_psd(normal, rhs)
-    if layer.kind == "linear":
-        predicted = weight @ x
-        grad_pred = torch.outer(delta.flatten(), x)
-    else:
-        predicted = F.conv2d(
-            x.reshape(1, *layer.in_shape), weight, stride=layer.module.stride, padding=layer.module.padding
-        )
-        predicted = predicted.flatten()
-        grad_pred = torch.nn.grad.conv2d_weight(
-            x.reshape(1, *layer.in_shape),
-            weight.shape,
-            delta[None],
-            stride=layer.module.stride,
-            padding=layer.module.padding,
-        )
+    x = x.reshape(layer.in_shape)
+    predicted = layer_output(layer, weight, None, x).flatten()
+    grad_pred = weight_gradient(layer, weight, x, delta)
     forward_res = float((predicted - target.flatten()).norm() / target.norm().clamp_min(1e-300))
     grad_res = float((grad_pred - grad_weight).norm() / grad_weight.norm().clamp_min(1e-300))
-    return LayerSolution(x.reshape(layer.in_shape), forward_res, grad_res, full_rank)
+    return LayerSolution(x, forward_res, grad_res, full_rank)
 
 
 def solve_psd(normal: Tensor, rhs: Tensor) -> Tensor:
@@ -155,6 +143,22 @@ def _solve_psd(normal: Tensor, rhs: Tensor) -> tuple[Tensor, bool]:
     eig, vec = torch.linalg.eigh(normal)  # singular: the minimum-norm least-squares solution
     inv = torch.where(eig > PIVOT_RTOL * eig.max(), 1.0 / eig, 0.0)
     return vec @ (inv * (vec.T @ rhs)), False
+
+
+def layer_output(layer: ChainLayer, weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    """``W x + b`` for one input ``x`` of the layer's input shape (the convolution for a conv layer)."""
+    if layer.kind == "linear":
+        return F.linear(x.flatten(), weight, bias)
+    conv = layer.module
+    return F.conv2d(x[None], weight, bias, stride=conv.stride, padding=conv.padding)[0]
+
+
+def weight_gradient(layer: ChainLayer, weight: Tensor, x: Tensor, delta: Tensor) -> Tensor:
+    """``dL/dW = delta x^T`` for one input ``x`` (the convolution's kernel gradient for a conv layer)."""
+    if layer.kind == "linear":
+        return torch.outer(delta.flatten(), x.flatten())
+    conv = layer.module
+    return torch.nn.grad.conv2d_weight(x[None], weight.shape, delta[None], stride=conv.stride, padding=conv.padding)
 
 
 def input_gradient(layer: ChainLayer, weight: Tensor, delta: Tensor) -> Tensor:
