@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from gradinv.data.dataset import Normalization
@@ -84,6 +85,11 @@ class Observation:
     def update_kind(self) -> str:
         """``"gradient"`` (FedSGD) or ``"weight_delta"`` (FedAvg)."""
         return self.protocol.update_kind
+
+    @property
+    def device(self) -> torch.device:
+        """Where the observed update lives (attacks run their tensors there: a GPU when the update is on one)."""
+        return next(iter(self.update.values())).device
 
     def with_knowledge(self, **changes: Any) -> Observation:
         """A copy whose knowledge has ``changes`` applied (e.g. labels recovered by a label attack)."""

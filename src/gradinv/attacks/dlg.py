@@ -61,6 +61,7 @@ class _LBFGSAttack(Attack):
         start = time.perf_counter()
         k = observation.knowledge
         labels, label_source = self._labels(observation)
+        labels = None if labels is None else labels.to(observation.device)
         num_classes = classifier_layer(observation.model)[1].out_features
         match = matching_cost(observation, objective=OBJECTIVES[s.objective])
 
@@ -72,8 +73,9 @@ class _LBFGSAttack(Attack):
         trace = []
         counts = {"lbfgs_iterations": 0, "evaluations": 0}
         for r in range(s.restarts):
-            x0 = torch.randn((k.num_samples, *k.input_shape), generator=generator)
+            x0 = torch.randn((k.num_samples, *k.input_shape), generator=generator).to(observation.device)
             y0 = None if labels is not None else torch.randn((k.num_samples, num_classes), generator=generator)
+            y0 = None if y0 is None else y0.to(observation.device)
             x, y, value, run_trace, run_counts = lbfgs_match(
                 cost,
                 x0,

@@ -60,12 +60,14 @@ class InvertingGradients(Attack):
         start = time.perf_counter()
         k = observation.knowledge
         labels, label_source = labels_for(observation, method=s.label_method)
+        labels = labels.to(observation.device)
         shape = (s.restarts, k.num_samples, *k.input_shape)
         cost = matching_cost(observation, objective=OBJECTIVES[s.objective], tv_weight=s.tv_weight)
         step = vmap(grad_and_value(cost), in_dims=(0, None))
         bounds = box_bounds(observation, shape) if s.boxed else None
 
-        x = torch.randn(shape, generator=generator).requires_grad_(True)
+        # drawn on the CPU from the seeded generator, so a seed gives the same start on any device
+        x = torch.randn(shape, generator=generator).to(observation.device).requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=s.lr)
         milestones = [int(s.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if s.lr_decay else []
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)

@@ -49,6 +49,6 @@ def box_bounds(observation: Observation, shape: tuple[int, ...]) -> tuple[Tensor
     if norm is None:
         return None
     channels = shape[-3] if len(shape) >= 3 else 1
-    mean = torch.as_tensor(norm.mean, dtype=torch.float32).reshape(channels, 1, 1)
-    std = torch.as_tensor(norm.std, dtype=torch.float32).reshape(channels, 1, 1)
+    mean = torch.as_tensor(norm.mean, dtype=torch.float32, device=observation.device).reshape(channels, 1, 1)
+    std = torch.as_tensor(norm.std, dtype=torch.float32, device=observation.device).reshape(channels, 1, 1)
     return (0 - mean) / std, (1 - mean) / std

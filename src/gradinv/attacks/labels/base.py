@@ -130,8 +130,8 @@ def classifier_update(observation: Observation) -> ClassifierUpdate:
     scale = -1.0 / (protocol.lr * protocol.local_steps) if isinstance(protocol, FedAvg) else 1.0
     return ClassifierUpdate(
         layer=name,
-        weight=scale * w.detach().double(),
-        bias=None if b is None else scale * b.detach().double(),
+        weight=scale * w.detach().cpu().double(),
+        bias=None if b is None else scale * b.detach().cpu().double(),
         exact=not isinstance(protocol, FedAvg),
     )
 
@@ -170,13 +170,12 @@ def probe_model(observation: Observation, inputs: Tensor, *, parameters: Mapping
     handle = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
     try:
         with torch.no_grad():
-            logits = functional_call(
-                twin, ({**(parameters or observation.parameters)}, dict(observation.buffers)), (inputs,)
-            )
+            state = ({**(parameters or observation.parameters)}, dict(observation.buffers))
+            logits = functional_call(twin, state, (inputs.to(observation.device),))
     finally:
         handle.remove()
-    features = captured[-1].flatten(1).double()
-    return Probe(features=features, probs=torch.softmax(logits.double(), dim=-1))
+    features = captured[-1].flatten(1).cpu().double()
+    return Probe(features=features, probs=torch.softmax(logits.cpu().double(), dim=-1))
 
 
 def random_inputs(observation: Observation, count: int, *, seed: int = 0) -> Tensor:
