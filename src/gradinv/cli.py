@@ -107,6 +107,15 @@ def _add_run_options(p: argparse.ArgumentParser, *, model: str, data: str) -> No
         action="store_true",
         help="client computes its update in train mode (BatchNorm uses the private batch's statistics)",
     )
+    p.add_argument(
+        "--defense",
+        dest="defenses",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a client defense, repeatable, in the order they act: NAME, NAME:VALUE or NAME:KEY=VALUE,... "
+        "(e.g. noise:0.01, dpsgd:noise_multiplier=1,clip=1, prune:0.9, soteria:0.6, mixup:2; see `gradinv list`)",
+    )
     p.add_argument("--out", type=Path, help="output folder")
 
 
@@ -235,6 +244,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         server=args.server,
         model_options=dict(args.model_options),
         attack_settings=dict(args.attack_options),
+        defenses=args.defenses,
         progress=not args.quiet,
     )
     m = result.metrics
@@ -251,12 +261,14 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
+    from gradinv.defenses import parse_defense
     from gradinv.experiment import setup_client
     from gradinv.fl import Scenario
     from gradinv.io import save_model, save_update, write_json_atomic
 
     if args.out is None:
         raise ConfigError("capture needs --out FOLDER to write the model and update into")
+    defenses = [parse_defense(d) for d in args.defenses]
     data = _client_data(args, "capture")
     client = setup_client(
         model=args.model,
@@ -273,7 +285,14 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     model, ds, images, labels = client.model, client.dataset, client.images, client.labels
     protocol = _protocol(args)
     obs = Scenario.from_images(
-        model, images, labels, normalization=ds.normalization, protocol=protocol, train_mode=args.train_mode
+        model,
+        images,
+        labels,
+        normalization=ds.normalization,
+        protocol=protocol,
+        train_mode=args.train_mode,
+        defenses=defenses,
+        seed=args.seed,
     ).observe()
     save_model(model, args.out / "weights.safetensors")
     save_update(obs.update, args.out / "update.safetensors", metadata={"protocol": protocol.to_dict()})
@@ -288,6 +307,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
             "labels": labels.tolist(),
             "protocol": protocol.to_dict(),
             "train_mode": args.train_mode,
+            "defenses": list(obs.defenses),
         },
         args.out / "capture.json",
     )
@@ -311,6 +331,7 @@ def _cmd_labels(args: argparse.Namespace) -> int:
         protocol=_protocol(args),
         train_mode=args.train_mode,
         model_options=dict(args.model_options),
+        defenses=args.defenses,
     )
     records = run_trials(case, [args.method], batch_size=args.batch_size, trials=args.trials, seed=args.seed)
     if not args.quiet:
@@ -406,6 +427,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from gradinv.attacks import ATTACKS
     from gradinv.attacks.labels import LABEL_METHODS
     from gradinv.data import list_data_sources
+    from gradinv.defenses import DEFENSES
     from gradinv.models import list_models
 
     print("attacks:")
@@ -416,6 +438,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
         m = LABEL_METHODS[name]
         kind = "counts" if m.gives_counts else "set"
         print(f"  {name:<13} [{kind}] {m.summary}")
+    print("defenses (--defense NAME[:VALUE]):")
+    for name in sorted(DEFENSES):
+        d = DEFENSES[name]
+        print(f"  {name:<10} [{d.stage}] {d.summary}")
     print("models:")
     for name, summary in list_models():
         print(f"  {name:<10} {summary}")

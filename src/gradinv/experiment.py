@@ -6,7 +6,7 @@ The CLI and the benchmarks are thin layers over :func:`run_attack`; results are 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from torch import Tensor
 from gradinv.attacks import ATTACKS, build_attack
 from gradinv.data import load_dataset, sample_batch
 from gradinv.data.dataset import ImageDataset, Normalization
+from gradinv.defenses import Defense, as_defense, dp_epsilon
 from gradinv.errors import ConfigError
 from gradinv.fl import FedSGD, Scenario, observation_from_files
 from gradinv.fl.protocols import Protocol, protocol_from_dict
@@ -163,6 +164,7 @@ def run_attack(
     train_mode: bool = False,
     server: str = "honest",
     model_options: Mapping[str, Any] | None = None,
+    defenses: Sequence[Defense | str] = (),
     progress: bool = False,
     callback=None,
 ) -> RunResult:
@@ -173,10 +175,14 @@ def run_attack(
     ``attack_settings`` overrides the attack's other settings by name (e.g. ``{"tv_weight": 1e-2}``).
     ``server`` is the threat model's server: ``"honest"`` or a malicious modification such as ``"imprint:128"``
     or ``"trap"`` (:func:`gradinv.fl.malicious.parse_server`), fitted to public data of the same source that the
-    client's batch does not contain.
+    client's batch does not contain. ``defenses`` (instances or specs such as ``"noise:0.01"``) are the
+    client's, applied in order (:mod:`gradinv.defenses`); a captured update already carries its client's.
     """
     if attack not in ATTACKS:
         raise ConfigError(f"unknown attack {attack!r}: choose one of {', '.join(sorted(ATTACKS))}")
+    defenses = tuple(as_defense(d) for d in defenses)  # checked before any model is built or trained
+    if defenses and update is not None:
+        raise ConfigError("a captured --update already holds its client's defenses: give --defense to capture")
     overrides = dict(attack_settings or {})
     for key, value in (("iterations", iterations), ("restarts", restarts)):
         if value is not None:
@@ -215,6 +221,8 @@ def run_attack(
             protocol=protocol,
             threat=ThreatModel(known_labels=known_labels, server=_server(server, dataset, images, image_size)),
             train_mode=train_mode,
+            defenses=defenses,
+            seed=seed,
         )
         observation = scenario.observe()
         truth = scenario.ground_truth()
@@ -249,6 +257,8 @@ def run_attack(
         "known_labels": known_labels,
         "train_mode": train_mode,
         "server": server,
+        "defenses": [d.spec() for d in defenses],
+        "dp_epsilon": dp_epsilon(defenses),
         "label_source": rec.settings.get("label_source"),
         "attack_settings": {k: v for k, v in rec.settings.items() if k != "label_source"},
         "psnr": None,

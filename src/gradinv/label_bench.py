@@ -22,6 +22,7 @@ import torch
 from gradinv.attacks.labels import check_methods, recover_labels
 from gradinv.data import load_dataset, sample_batch
 from gradinv.data.dataset import ImageDataset
+from gradinv.defenses import Defense, as_defense
 from gradinv.errors import ConfigError, GradinvError
 from gradinv.experiment import prepare_model
 from gradinv.fl import FedSGD, Scenario
@@ -62,6 +63,7 @@ class LabelCase:
     trained_steps: int = 0
     protocol: Protocol = field(default_factory=FedSGD)
     train_mode: bool = False
+    defenses: tuple[Defense, ...] = ()
 
 
 def prepare_case(
@@ -75,9 +77,11 @@ def prepare_case(
     protocol: Protocol | None = None,
     train_mode: bool = False,
     model_options: Mapping[str, Any] | None = None,
+    defenses: Sequence[Defense | str] = (),
 ) -> LabelCase:
     """Load ``data``, build ``model`` with enough classes, and train it ``trained_steps`` SGD steps on ``data``
-    (the state a server sends mid-training on the task)."""
+    (the state a server sends mid-training on the task). The clients apply ``defenses`` (specs or instances)."""
+    defenses = tuple(as_defense(d) for d in defenses)
     dataset = load_dataset(data, image_size=image_size, channels=3)
     classes = num_classes or dataset.num_classes
     if classes < dataset.num_classes:
@@ -91,7 +95,7 @@ def prepare_case(
         dataset=dataset,
         model_options=model_options,
     )
-    return LabelCase(model, net, dataset, trained_steps, protocol or FedSGD(), train_mode)
+    return LabelCase(model, net, dataset, trained_steps, protocol or FedSGD(), train_mode, defenses)
 
 
 def run_trials(
@@ -115,6 +119,8 @@ def run_trials(
             normalization=ds.normalization,
             protocol=case.protocol,
             train_mode=case.train_mode,
+            defenses=case.defenses,
+            seed=seed + t,
         ).observe()
         common = dict(
             data=ds.name,

@@ -80,6 +80,8 @@ class Observation:
     protocol: Protocol = field(default_factory=_fedsgd)
     knowledge: Knowledge = field(default_factory=Knowledge)
     train_mode: bool = False
+    #: the client's defenses, as spec strings (public protocol metadata: the server knows what the client runs)
+    defenses: tuple[str, ...] = ()
 
     @property
     def update_kind(self) -> str:
@@ -103,6 +105,7 @@ class Observation:
             protocol=self.protocol,
             knowledge=Knowledge(**values),
             train_mode=self.train_mode,
+            defenses=self.defenses,
         )
 
 

@@ -8,7 +8,6 @@ paper's hyper-parameters as defaults) plus a short ``_reconstruct``.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -16,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from gradinv._settings import Configurable
 from gradinv.errors import ConfigError, MissingKnowledgeError
 from gradinv.types import GroundTruth, Observation, Reconstruction
 
@@ -29,19 +29,7 @@ class LabelSettings:
     label_method: str = "auto"
 
 
-def _check_types(attack: str, settings: type, values: dict[str, Any]) -> None:
-    """Refuse a setting whose value is not of the field's plain type (int, float, str, bool)."""
-    hints = typing.get_type_hints(settings)
-    for key, value in values.items():
-        kind = hints.get(key)
-        if kind not in (int, float, str, bool):
-            continue
-        allowed = (int, float) if kind is float else kind  # an int is a fine float; a bool is only a bool
-        if not isinstance(value, allowed) or (isinstance(value, bool) and kind is not bool):
-            raise ConfigError(f"{attack} setting {key!r} must be {kind.__name__}, got {value!r}")
-
-
-class Attack(ABC):
+class Attack(Configurable, ABC):
     """Base class of every reconstruction attack.
 
     Subclasses set ``name``, ``summary``, ``Settings`` (a dataclass) and ``requires`` (names of
@@ -52,18 +40,6 @@ class Attack(ABC):
     summary: ClassVar[str]
     Settings: ClassVar[type]
     requires: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, settings: Any | None = None, **overrides: Any) -> None:
-        base = settings if settings is not None else self.Settings()
-        valid = {f.name for f in dataclasses.fields(self.Settings)}
-        unknown = sorted(set(overrides) - valid)
-        if unknown:
-            raise ConfigError(f"{self.name} has no setting(s) {unknown}; its settings are {sorted(valid)}")
-        _check_types(self.name, self.Settings, overrides)
-        self.settings = dataclasses.replace(base, **overrides)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.settings})"
 
     def check(self, observation: Observation) -> None:
         """Raise one error naming every piece of knowledge this attack needs and the observation lacks."""
@@ -104,9 +80,6 @@ class Attack(ABC):
         progress: bool,
         callback: Callback | None,
     ) -> Reconstruction: ...
-
-    def settings_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.settings)
 
 
 ATTACKS: dict[str, type[Attack]] = {}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Mapping
 
-from torch import nn
-from torch.func import replace_all_batch_norm_modules_
+from torch import Tensor, nn
+from torch.func import functional_call, replace_all_batch_norm_modules_
+
+from gradinv.errors import ConfigError
 
 
 def stateless_twin(model: nn.Module, *, train_mode: bool) -> nn.Module:
@@ -24,3 +27,38 @@ def stateless_twin(model: nn.Module, *, train_mode: bool) -> nn.Module:
     else:
         twin.eval()
     return twin
+
+
+class _Reached(Exception):
+    """Carries a layer's input out of a forward pass that need not go further."""
+
+    def __init__(self, value: Tensor) -> None:
+        super().__init__("layer reached")
+        self.value = value
+
+
+def layer_input(
+    model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], layer: str
+) -> Callable[[Tensor], Tensor]:
+    """``f(x)``: the input of ``model``'s submodule ``layer`` on inputs ``x``, flattened to (B, D).
+
+    The forward pass stops at that layer. Pure in ``x`` (``torch.func`` transforms apply); ``model`` should be
+    a stateless twin (:func:`stateless_twin`): a hook is added to it for the duration of each call.
+    """
+    module = model.get_submodule(layer)
+    state = (dict(params), dict(buffers))
+
+    def raise_input(_module: nn.Module, args: tuple) -> None:
+        raise _Reached(args[0])
+
+    def f(x: Tensor) -> Tensor:
+        handle = module.register_forward_pre_hook(raise_input)
+        try:
+            functional_call(model, state, (x,))
+        except _Reached as reached:
+            return reached.value.flatten(1)
+        finally:
+            handle.remove()
+        raise ConfigError(f"the forward pass never reached layer {layer!r}")
+
+    return f

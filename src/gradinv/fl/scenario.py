@@ -10,9 +10,11 @@ import torch
 from torch import Tensor, nn
 
 from gradinv.data.dataset import Normalization
+from gradinv.defenses.base import ClientBatch, ClientState, DataDefense, UpdateDefense, as_defense
 from gradinv.errors import ConfigError, ShapeError
 from gradinv.fl.functional import stateless_twin
 from gradinv.fl.protocols import FedSGD, LossFn, Protocol, client_update, cross_entropy
+from gradinv.models import classifier_layer
 from gradinv.types import GroundTruth, Knowledge, Observation, ThreatModel, named_state
 
 
@@ -22,6 +24,10 @@ class Scenario:
 
     ``inputs`` are normalised with ``normalization``; ``labels`` are class indices. :meth:`observe` gives what
     an honest-but-curious server sees, :meth:`ground_truth` the private batch for scoring.
+
+    ``defenses`` (instances or spec strings such as ``"prune:0.9"``, see :mod:`gradinv.defenses`) act in
+    order: data defenses on the batch before training, then update defenses on what is shared; ``seed`` fixes
+    their randomness (noise, mixing partners, keys).
 
     ``train_mode=False`` (default) computes the update with BatchNorm using the running statistics the server
     sent, as in Inverting Gradients' experiments (inversefed) and breaching when public buffers are sent;
@@ -36,8 +42,18 @@ class Scenario:
     threat: ThreatModel = field(default_factory=ThreatModel)
     train_mode: bool = False
     loss_fn: LossFn = cross_entropy
+    defenses: tuple = ()
+    seed: int = 0
 
     def __post_init__(self) -> None:
+        defenses = tuple(as_defense(d) for d in self.defenses)
+        stages = [d.stage for d in defenses]
+        if stages != sorted(stages):  # "data" < "update"
+            raise ConfigError(
+                f"defenses act in order, data before update: got {[d.name for d in defenses]}; "
+                "put the data defenses (mixup, instahide, pixelate) first"
+            )
+        object.__setattr__(self, "defenses", defenses)
         if self.inputs.ndim < 2:
             raise ShapeError(f"inputs must be a batch (B, ...), got shape {tuple(self.inputs.shape)}")
         if self.labels.shape != (self.inputs.shape[0],):
@@ -74,16 +90,38 @@ class Scenario:
         model = self.sent_model()
         params, buffers = named_state(model)
         twin = stateless_twin(model, train_mode=self.train_mode)
+        generator = torch.Generator().manual_seed(int(self.seed))
+        batch = ClientBatch(
+            inputs=self.inputs.detach(),
+            targets=self.labels,
+            normalization=self.norm,
+            num_classes=_num_classes(model),
+        )
+        for defense in self.defenses:
+            if isinstance(defense, DataDefense):
+                batch = defense.transform(batch, generator=generator)
         with torch.no_grad():
             update = client_update(
                 self.protocol,
                 twin,
                 params,
                 {k: v.clone() for k, v in buffers.items()},
-                self.inputs.detach(),
-                self.labels,
+                batch.inputs,
+                batch.targets,
                 loss_fn=self.loss_fn,
             )
+        client = ClientState(
+            model=twin,
+            params=params,
+            buffers=buffers,
+            batch=batch,
+            loss_fn=self.loss_fn,
+            protocol=self.protocol,
+            train_mode=self.train_mode,
+        )
+        for defense in self.defenses:
+            if isinstance(defense, UpdateDefense):
+                update = defense.transform(update, client=client, generator=generator)
         sent = copy.deepcopy(model)
         t = self.threat
         knowledge = Knowledge(
@@ -100,11 +138,20 @@ class Scenario:
             protocol=self.protocol,
             knowledge=knowledge,
             train_mode=self.train_mode,
+            defenses=tuple(d.spec() for d in self.defenses),
         )
 
     def ground_truth(self) -> GroundTruth:
         """The private batch, for evaluation only."""
         return GroundTruth(inputs=self.inputs.detach().clone(), labels=self.labels.clone(), normalization=self.norm)
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    """The classifier's output size (for soft labels), or None for a model without a linear layer."""
+    try:
+        return classifier_layer(model)[1].out_features
+    except ConfigError:
+        return None
 
 
 def observation_from_files(

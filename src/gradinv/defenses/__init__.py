@@ -1,0 +1,52 @@
+"""Defenses: one paper, one class, maths in :mod:`gradinv.defenses.functional`. Importing this package
+registers them all in :data:`DEFENSES`.
+
+>>> scenario = Scenario(model, inputs, labels, defenses=("prune:0.9",))   # or build_defense("prune", fraction=0.9)
+"""
+
+import math
+from collections.abc import Sequence
+
+from gradinv.defenses import data, soteria, update  # noqa: F401  (registers)
+from gradinv.defenses.base import (
+    DEFENSES,
+    ClientBatch,
+    ClientState,
+    DataDefense,
+    Defense,
+    UpdateDefense,
+    as_defense,
+    build_defense,
+    parse_defense,
+    register_defense,
+)
+from gradinv.defenses.functional import gaussian_epsilon
+from gradinv.defenses.update import DPSGD
+
+
+def dp_epsilon(defenses: Sequence[Defense]) -> float | None:
+    """The sample-level epsilon of one round under the DP-SGD defenses among ``defenses`` (composed, at the
+    smallest of their deltas), or None when there is none."""
+    dp = [d for d in defenses if isinstance(d, DPSGD)]
+    if not dp:
+        return None
+    if any(d.settings.noise_multiplier == 0 for d in dp):
+        return math.inf
+    sigma = sum(d.settings.noise_multiplier**-2 for d in dp) ** -0.5
+    return gaussian_epsilon(sigma, delta=min(d.settings.delta for d in dp))
+
+
+__all__ = [
+    "DEFENSES",
+    "ClientBatch",
+    "ClientState",
+    "DataDefense",
+    "Defense",
+    "UpdateDefense",
+    "as_defense",
+    "build_defense",
+    "dp_epsilon",
+    "gaussian_epsilon",
+    "parse_defense",
+    "register_defense",
+]

@@ -1,0 +1,125 @@
+"""Defenses on the private batch before the client trains: MixUp, InstaHide, pixelisation (survey Table 2,
+"Original Data"). The server's ground truth stays the private images: these defenses succeed when what an
+attack rebuilds no longer looks like them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from gradinv.defenses import functional as D
+from gradinv.defenses.base import ClientBatch, DataDefense, check_setting, register_defense
+from gradinv.errors import ConfigError
+
+
+def _check_batch(name: str, batch: ClientBatch, k: int) -> None:
+    if batch.inputs.shape[0] < k:
+        raise ConfigError(
+            f"{name} mixes each sample with {k - 1} other(s) of the client's batch, which holds "
+            f"{batch.inputs.shape[0]}: use a batch of at least {k} or a smaller k"
+        )
+
+
+@dataclass(frozen=True)
+class MixUpSettings:
+    """``k``: samples per mixture (2 is MixUp); ``alpha``: Dirichlet / Beta concentration of the weights."""
+
+    k: int = 2
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_setting(self.k >= 2, f"mixup k must be >= 2, got {self.k}")
+        check_setting(self.alpha > 0, f"mixup alpha must be > 0, got {self.alpha}")
+
+
+@register_defense
+class MixUp(DataDefense):
+    """MixUp (Zhang et al. 2018) as a defense: each training sample is a convex mix of k samples of the batch
+    (weights ~ Dirichlet(alpha), Beta(alpha, alpha) for k = 2), its label the same mix of their labels."""
+
+    name = "mixup"
+    summary = "train on convex mixes of k samples and their labels (Zhang et al. 2018)"
+    Settings = MixUpSettings
+    primary = "k"
+
+    def transform(self, batch: ClientBatch, *, generator: torch.Generator) -> ClientBatch:
+        s = self.settings
+        _check_batch(self.name, batch, s.k)
+        b = batch.inputs.shape[0]
+        partners = D.mix_partners(b, s.k, generator=generator)
+        coeffs = D.dirichlet_coefficients(b, s.k, alpha=s.alpha, generator=generator)
+        inputs, targets = D.mix(batch.inputs, batch.soft_targets(), partners=partners, coeffs=coeffs)
+        return dataclasses.replace(batch, inputs=inputs, targets=targets)
+
+
+@dataclass(frozen=True)
+class InstaHideSettings:
+    """``k``: samples per mixture; ``upper``: largest weight one sample may get (the paper's 0.65)."""
+
+    k: int = 4
+    upper: float = 0.65
+
+    def __post_init__(self) -> None:
+        check_setting(self.k >= 2, f"instahide k must be >= 2, got {self.k}")
+        check_setting(1 / self.k < self.upper <= 1, f"instahide upper must be in (1/k, 1], got {self.upper}")
+
+
+@register_defense
+class InstaHide(DataDefense):
+    """InstaHide, inside-dataset variant (Huang et al. 2020): mix k private samples (weights |N(0,1)|
+    normalised, none above ``upper``), then flip each pixel's sign by a one-time random key; labels are mixed
+    with the same weights. Pixels are flipped in the normalised (zero-centred) space."""
+
+    name = "instahide"
+    summary = "k-mix private samples, then flip pixel signs with a one-time key (Huang et al. 2020)"
+    Settings = InstaHideSettings
+    primary = "k"
+
+    def transform(self, batch: ClientBatch, *, generator: torch.Generator) -> ClientBatch:
+        s = self.settings
+        _check_batch(self.name, batch, s.k)
+        b = batch.inputs.shape[0]
+        partners = D.mix_partners(b, s.k, generator=generator)
+        coeffs = D.instahide_coefficients(b, s.k, upper=s.upper, generator=generator)
+        inputs, targets = D.mix(batch.inputs, batch.soft_targets(), partners=partners, coeffs=coeffs)
+        flipped, _ = D.random_sign_flip(inputs, generator=generator)
+        return dataclasses.replace(batch, inputs=flipped, targets=targets)
+
+
+@dataclass(frozen=True)
+class PixelateSettings:
+    """``block``: cell size in pixels; ``epsilon``: DP-Pix's privacy budget (None: plain pixelisation);
+    ``m``: pixels that may differ between neighbouring images (DP-Pix's m)."""
+
+    block: int = 4
+    epsilon: float | None = None
+    m: int = 16
+
+    def __post_init__(self) -> None:
+        check_setting(self.block >= 1, f"pixelate block must be >= 1, got {self.block}")
+        check_setting(self.epsilon is None or self.epsilon > 0, f"pixelate epsilon must be > 0, got {self.epsilon}")
+        check_setting(self.m >= 1, f"pixelate m must be >= 1, got {self.m}")
+
+
+@register_defense
+class Pixelate(DataDefense):
+    """Pixelisation (Fan 2018, 2019): each block x block cell becomes its mean; with ``epsilon``, DP-Pix adds
+    Laplace noise of scale m / (block^2 epsilon) to each cell. Acts on the images in [0, 1]."""
+
+    name = "pixelate"
+    summary = "average block x block cells, optionally DP-Pix's Laplace noise (Fan 2018)"
+    Settings = PixelateSettings
+    primary = "block"
+
+    def transform(self, batch: ClientBatch, *, generator: torch.Generator) -> ClientBatch:
+        s = self.settings
+        if batch.inputs.ndim != 4:
+            raise ConfigError(f"pixelate needs images (B, C, H, W), got shape {tuple(batch.inputs.shape)}")
+        images = batch.normalization.denormalize(batch.inputs).clamp(0, 1)
+        if s.epsilon is None:
+            out = D.pixelate(images, block=s.block)
+        else:
+            out = D.dp_pixelate(images, block=s.block, epsilon=s.epsilon, m=s.m, generator=generator)
+        return dataclasses.replace(batch, inputs=batch.normalization.normalize(out))

@@ -1,0 +1,162 @@
+"""Defenses on the shared update: additive noise, DP-SGD, pruning, sign compression (survey Table 2,
+"Shared Gradients")."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad, vmap
+
+from gradinv.defenses import functional as D
+from gradinv.defenses.base import ClientState, UpdateDefense, check_setting, register_defense
+from gradinv.errors import ConfigError
+from gradinv.fl.protocols import FedSGD
+
+
+@dataclass(frozen=True)
+class NoiseSettings:
+    """``std``: noise standard deviation per entry; ``clip``: clip the update's global L2 norm to this first
+    (None: no clipping); ``distribution``: "gaussian" or "laplace"."""
+
+    std: float = 1e-2
+    clip: float | None = None
+    distribution: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        check_setting(self.std >= 0, f"noise std must be >= 0, got {self.std}")
+        check_setting(self.clip is None or self.clip > 0, f"noise clip must be > 0 or None, got {self.clip}")
+        check_setting(
+            self.distribution in ("gaussian", "laplace"),
+            f"noise distribution must be 'gaussian' or 'laplace', got {self.distribution!r}",
+        )
+
+
+@register_defense
+class Noise(UpdateDefense):
+    """Additive noise on the update, optionally after norm clipping: the differential-privacy defense of the
+    gradient-inversion literature (Zhu et al. 2019; Wei et al. 2020; Geiping et al. 2020), ``std`` absolute."""
+
+    name = "noise"
+    summary = "Gaussian or Laplace noise on the update, optional L2 clipping first (Zhu et al. 2019; Wei et al. 2020)"
+    Settings = NoiseSettings
+    primary = "std"
+
+    def transform(
+        self, update: Mapping[str, Tensor], *, client: ClientState, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        s = self.settings
+        clipped = dict(update) if s.clip is None else D.clip_update(update, s.clip)
+        return D.add_noise(clipped, std=s.std, generator=generator, distribution=s.distribution)
+
+
+@dataclass(frozen=True)
+class DPSGDSettings:
+    """``clip``: per-sample gradient L2 bound C; ``noise_multiplier``: sigma (noise std sigma * C on the sum);
+    ``delta``: the delta at which ``epsilon()`` is reported."""
+
+    noise_multiplier: float = 1.0
+    clip: float = 1.0
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        check_setting(self.noise_multiplier >= 0, f"dpsgd noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        check_setting(self.clip > 0, f"dpsgd clip must be > 0, got {self.clip}")
+        check_setting(0 < self.delta < 1, f"dpsgd delta must be in (0, 1), got {self.delta}")
+
+
+@register_defense
+class DPSGD(UpdateDefense):
+    """DP-SGD's step (Abadi et al. 2016) as the client's FedSGD update: each sample's gradient is clipped to
+    L2 norm C, the clipped gradients are summed, Gaussian noise of std sigma * C is added, and the sum is
+    divided by the batch size. One round is an (epsilon, delta)-DP Gaussian mechanism (:meth:`epsilon`)."""
+
+    name = "dpsgd"
+    summary = "DP-SGD: per-sample clipping + Gaussian noise, with its (epsilon, delta) (Abadi et al. 2016)"
+    Settings = DPSGDSettings
+    primary = "noise_multiplier"
+
+    def epsilon(self, *, rounds: int = 1) -> float:
+        """The epsilon at ``delta`` of ``rounds`` such updates of the same batch (no subsampling)."""
+        if self.settings.noise_multiplier == 0:
+            return math.inf
+        return D.gaussian_epsilon(self.settings.noise_multiplier, delta=self.settings.delta, rounds=rounds)
+
+    def transform(
+        self, update: Mapping[str, Tensor], *, client: ClientState, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        s = self.settings
+        if not isinstance(client.protocol, FedSGD):
+            raise ConfigError("dpsgd clips per-sample gradients of one FedSGD step; for FedAvg use 'noise' with 'clip'")
+        if client.train_mode:
+            raise ConfigError("dpsgd needs per-sample gradients, which train-mode BatchNorm does not have")
+        batch = client.batch
+        targets = batch.targets
+
+        def sample_loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            out = functional_call(client.model, (p, dict(client.buffers)), (x.unsqueeze(0),))
+            return client.loss_fn(out, y.unsqueeze(0))
+
+        per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(dict(client.params), batch.inputs, targets)
+        norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in per_sample.values()))
+        factor = (s.clip / (norms + 1e-12)).clamp(max=1.0)
+        b = batch.inputs.shape[0]
+        out = {}
+        for k in update:
+            g = per_sample[k]
+            summed = (g * factor.view((-1,) + (1,) * (g.ndim - 1))).sum(dim=0)
+            noise = D.add_noise({k: summed}, std=s.noise_multiplier * s.clip, generator=generator)[k]
+            out[k] = noise / b
+        return out
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """``fraction``: share of each tensor's entries, smallest in magnitude first, set to zero."""
+
+    fraction: float = 0.9
+
+    def __post_init__(self) -> None:
+        check_setting(0 <= self.fraction < 1, f"prune fraction must be in [0, 1), got {self.fraction}")
+
+
+@register_defense
+class Prune(UpdateDefense):
+    """Gradient pruning / sparsification: the smallest-magnitude entries of each tensor become zero
+    (Zhu et al. 2019, Sec. 5; the compression the survey cites after Vogels et al. 2019)."""
+
+    name = "prune"
+    summary = "zero the smallest-magnitude fraction of each update tensor (Zhu et al. 2019)"
+    Settings = PruneSettings
+    primary = "fraction"
+
+    def transform(
+        self, update: Mapping[str, Tensor], *, client: ClientState, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        return D.prune_smallest(update, self.settings.fraction)
+
+
+@dataclass(frozen=True)
+class SignSettings:
+    """``scaled``: multiply each tensor's sign by its mean magnitude (EF-signSGD's compressor) or send +-1."""
+
+    scaled: bool = True
+
+
+@register_defense
+class Sign(UpdateDefense):
+    """Sign compression: only the signs of the update travel, scaled by each tensor's mean magnitude
+    (signSGD; Karimireddy et al. 2019's scaled sign)."""
+
+    name = "sign"
+    summary = "send the update's signs, scaled by mean magnitude per tensor (Karimireddy et al. 2019)"
+    Settings = SignSettings
+    primary = "scaled"
+
+    def transform(
+        self, update: Mapping[str, Tensor], *, client: ClientState, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        return D.scaled_sign(update, scaled=self.settings.scaled)

@@ -1,0 +1,303 @@
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from scipy.stats import norm
+from torch import nn
+
+import gradinv
+from gradinv.cli import main
+from gradinv.defenses import (
+    DEFENSES,
+    ClientBatch,
+    build_defense,
+    dp_epsilon,
+    gaussian_epsilon,
+    parse_defense,
+)
+from gradinv.defenses import functional as D
+from gradinv.errors import ConfigError
+from gradinv.fl.functional import layer_input, stateless_twin
+from gradinv.types import named_state
+
+SURVEY_TABLE_2 = {"mixup", "instahide", "pixelate", "noise", "dpsgd", "prune", "sign", "soteria"}
+
+
+def _scenario(data, *, model="mlp", batch_size=4, seed=0, **options):
+    images, labels = gradinv.sample_batch(data, batch_size=batch_size, seed=seed)
+    net = gradinv.build_model(model, num_classes=data.num_classes, image_size=32, seed=seed)
+    return gradinv.Scenario.from_images(net, images, labels, normalization=data.normalization, **options)
+
+
+def _tiny_mlp(seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+# -- registry and specs ------------------------------------------------------------------------------------------
+
+
+def test_registry_holds_the_survey_defenses_and_specs_round_trip():
+    assert set(DEFENSES) >= SURVEY_TABLE_2
+    for name in DEFENSES:
+        d = build_defense(name)
+        assert d.stage in ("data", "update")
+        again = parse_defense(d.spec())
+        assert type(again) is type(d) and again.settings == d.settings
+
+
+def test_spec_forms():
+    assert parse_defense("prune:0.5").settings.fraction == 0.5
+    assert parse_defense("noise:std=0.1,clip=2,distribution=laplace").settings.clip == 2.0
+    assert parse_defense("sign:false").settings.scaled is False
+    assert parse_defense("soteria:fraction=0.3,layer=none").settings.layer is None
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["bogus", "noise:abc", "noise:sdt=1", "prune:0.5,0.6", "prune:1.5", "noise:-1", "mixup:1", "sign:maybe"],
+)
+def test_bad_specs_raise_config_errors(spec):
+    with pytest.raises(ConfigError):
+        parse_defense(spec)
+
+
+def test_defenses_must_act_data_first(digits32):
+    with pytest.raises(ConfigError, match="data before update"):
+        _scenario(digits32, defenses=("noise:0.1", "mixup"))
+
+
+# -- update defenses: their maths ------------------------------------------------------------------------------
+
+
+def _update(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(40, 50, generator=g), "a.bias": torch.randn(40, generator=g)}
+
+
+def test_prune_zeroes_exactly_the_smallest_fraction_of_each_tensor():
+    update = _update()
+    pruned = D.prune_smallest(update, 0.7)
+    for k, v in update.items():
+        kept = pruned[k] != 0
+        assert int((~kept).sum()) == round(0.7 * v.numel())
+        assert torch.equal(pruned[k][kept], v[kept])
+        assert v[kept].abs().min() >= v[~kept].abs().max()
+
+
+def test_sign_sends_signs_scaled_by_mean_magnitude():
+    update = _update()
+    signed = D.scaled_sign(update)
+    for k, v in update.items():
+        assert torch.allclose(signed[k].abs(), v.abs().mean().expand_as(v))
+        assert torch.equal(torch.sign(signed[k]), torch.sign(v))
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "laplace"])
+def test_noise_has_the_asked_std_and_follows_the_seed(distribution):
+    zero = {"w": torch.zeros(200_000)}
+    a = D.add_noise(zero, std=0.3, generator=torch.Generator().manual_seed(1), distribution=distribution)["w"]
+    b = D.add_noise(zero, std=0.3, generator=torch.Generator().manual_seed(1), distribution=distribution)["w"]
+    c = D.add_noise(zero, std=0.3, generator=torch.Generator().manual_seed(2), distribution=distribution)["w"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert abs(float(a.std()) - 0.3) < 0.01 and abs(float(a.mean())) < 0.01
+    kurtosis = float(((a / a.std()) ** 4).mean())
+    assert abs(kurtosis - (3.0 if distribution == "gaussian" else 6.0)) < 0.5
+
+
+def test_noise_clip_bounds_the_global_norm():
+    update = _update()
+    clipped = D.clip_update(update, 1.5)
+    assert float(D.global_norm(clipped)) == pytest.approx(1.5, rel=1e-5)
+    small = D.clip_update(update, 1e6)
+    assert all(torch.equal(small[k], update[k]) for k in update)
+
+
+def test_dpsgd_matches_a_naive_per_sample_loop(digits32):
+    """Oracle: with zero noise, DP-SGD's update is the mean of per-sample gradients each clipped to C."""
+    sc = _scenario(digits32, batch_size=5, defenses=("dpsgd:noise_multiplier=0,clip=0.05",))
+    obs = sc.observe()
+    model = sc.model
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for x, y in zip(sc.inputs, sc.labels, strict=True):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x.unsqueeze(0)), y.unsqueeze(0)).backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        total = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
+        for n, g in grads.items():
+            expected[n] += g * min(1.0, 0.05 / total) / 5
+    for n in expected:
+        assert torch.allclose(obs.update[n], expected[n], atol=1e-6)
+    noisy = _scenario(digits32, batch_size=5, defenses=("dpsgd:noise_multiplier=2,clip=0.05",)).observe()
+    diff = torch.cat([(noisy.update[n] - obs.update[n]).flatten() for n in expected])
+    assert float(diff.std()) == pytest.approx(2 * 0.05 / 5, rel=0.05)
+
+
+def test_dpsgd_refuses_fedavg(digits32):
+    sc = _scenario(digits32, defenses=("dpsgd",), protocol=gradinv.FedAvg(local_steps=2))
+    with pytest.raises(ConfigError, match="FedSGD"):
+        sc.observe()
+
+
+def test_gaussian_epsilon_solves_the_privacy_curve_and_composes():
+    eps = gaussian_epsilon(1.0, delta=1e-5)
+    mu = 1.0
+    delta = norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2)
+    assert delta == pytest.approx(1e-5, rel=1e-6)
+    assert 4.0 < eps < 4.8  # below the classical sqrt(2 ln(1.25/delta)) calibration's 4.84
+    assert gaussian_epsilon(2.0, delta=1e-5) < eps
+    assert gaussian_epsilon(2.0, delta=1e-5, rounds=4) == pytest.approx(eps, rel=1e-9)
+    assert dp_epsilon([build_defense("dpsgd", noise_multiplier=1.0)]) == pytest.approx(eps)
+    assert dp_epsilon([build_defense("noise")]) is None
+
+
+def test_soteria_scores_match_a_per_feature_autograd_loop():
+    model = _tiny_mlp()
+    twin = stateless_twin(model, train_mode=False)
+    params, buffers = named_state(model)
+    x = torch.randn(3, 12, generator=torch.Generator().manual_seed(0))
+    scores = D.soteria_scores(layer_input(twin, params, buffers, "3"), x, eps=0.1, chunk=4)
+    expected = torch.zeros(6)
+    for i in range(3):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        r = torch.relu(model[1](model[0](xi)))[0]
+        for f in range(6):
+            (g,) = torch.autograd.grad(r[f], xi, retain_graph=True, allow_unused=True)
+            g = torch.zeros_like(xi) if g is None else g
+            expected[f] += g.norm() / (r[f].detach() + 0.1)
+    assert torch.allclose(scores, expected, atol=1e-5)
+
+
+def test_soteria_zeroes_only_representation_columns(digits32):
+    clean = _scenario(digits32, batch_size=2).observe()
+    obs = _scenario(digits32, batch_size=2, defenses=("soteria:0.5",)).observe()
+    name = gradinv.models.classifier_layer(obs.model)[0]
+    for k in clean.update:
+        if k != f"{name}.weight":
+            assert torch.equal(obs.update[k], clean.update[k])
+    w, w0 = obs.update[f"{name}.weight"], clean.update[f"{name}.weight"]
+    zero_cols = (w == 0).all(dim=0)
+    assert int(zero_cols.sum()) >= round(0.5 * w.shape[1])
+    assert torch.equal(w[:, ~zero_cols], w0[:, ~zero_cols])
+
+
+# -- data defenses ----------------------------------------------------------------------------------------------
+
+
+def _batch(data, b=6):
+    images, labels = gradinv.sample_batch(data, batch_size=b, seed=0)
+    return ClientBatch(data.normalization.normalize(images), labels, data.normalization, data.num_classes)
+
+
+def test_mixup_makes_convex_mixes_of_the_batch_and_its_labels(digits32):
+    batch = _batch(digits32)
+    g = torch.Generator().manual_seed(0)
+    partners = D.mix_partners(6, 3, generator=g)
+    coeffs = D.dirichlet_coefficients(6, 3, alpha=1.0, generator=g)
+    assert all(int(partners[i, 0]) == i and len(set(partners[i].tolist())) == 3 for i in range(6))
+    assert torch.allclose(coeffs.sum(dim=1), torch.ones(6, dtype=coeffs.dtype)) and bool((coeffs >= 0).all())
+    mixed, targets = D.mix(batch.inputs, batch.soft_targets(), partners=partners, coeffs=coeffs)
+    c = coeffs.float()
+    expected = sum(c[:, j].view(-1, 1, 1, 1) * batch.inputs[partners[:, j]] for j in range(3))
+    assert torch.allclose(mixed, expected, atol=1e-6)
+    assert torch.allclose(targets.sum(dim=1), torch.ones(6))
+    out = build_defense("mixup").transform(batch, generator=torch.Generator().manual_seed(0))
+    assert out.targets.shape == (6, digits32.num_classes) and out.inputs.shape == batch.inputs.shape
+
+
+def test_instahide_flips_signs_of_a_bounded_mix(digits32):
+    batch = _batch(digits32)
+    coeffs = D.instahide_coefficients(6, 4, upper=0.65, generator=torch.Generator().manual_seed(0))
+    assert float(coeffs.max()) <= 0.65 and torch.allclose(coeffs.sum(dim=1), torch.ones(6, dtype=coeffs.dtype))
+    x, key = D.random_sign_flip(batch.inputs, generator=torch.Generator().manual_seed(0))
+    assert set(key.unique().tolist()) == {-1.0, 1.0} and torch.equal(x.abs(), batch.inputs.abs())
+    out = build_defense("instahide").transform(batch, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out.targets.sum(dim=1), torch.ones(6))
+    with pytest.raises(ConfigError, match="at least 4"):
+        build_defense("instahide").transform(_batch(digits32, 3), generator=torch.Generator())
+
+
+def test_pixelate_makes_constant_blocks(photos32):
+    images = gradinv.sample_batch(photos32, batch_size=2, seed=0)[0]
+    out = D.pixelate(images, block=4)
+    cells = out.unfold(2, 4, 4).unfold(3, 4, 4)
+    assert torch.allclose(cells.amax(dim=(-1, -2)), cells.amin(dim=(-1, -2)))
+    assert torch.allclose(cells.mean(dim=(-1, -2)), nn.functional.avg_pool2d(images, 4), atol=1e-6)
+    assert torch.equal(D.pixelate(images, block=1), images)
+    odd = D.pixelate(images[..., :30, :30], block=4)  # edge cells are averaged over what they hold
+    assert odd.shape == (2, 3, 30, 30) and torch.allclose(odd[..., 28:, 28:].mean(), images[..., 28:30, 28:30].mean())
+    noisy = D.dp_pixelate(images, block=4, epsilon=1.0, m=16, generator=torch.Generator().manual_seed(0))
+    assert float(noisy.min()) >= 0 and float(noisy.max()) <= 1 and not torch.allclose(noisy, out)
+
+
+# -- the scenario with defenses ---------------------------------------------------------------------------------
+
+
+def test_defended_observation_is_deterministic_and_leaves_truth_and_model_alone(digits32):
+    specs = ("mixup", "noise:0.01", "soteria:0.3")
+    sc = _scenario(digits32, defenses=specs, seed=0)
+    before = {k: v.clone() for k, v in sc.model.state_dict().items()}
+    a, b = sc.observe(), sc.observe()
+    assert all(torch.equal(a.update[k], b.update[k]) for k in a.update)
+    assert [s.split(":")[0] for s in a.defenses] == ["mixup", "noise", "soteria"]
+    truth = sc.ground_truth()
+    assert torch.equal(truth.inputs, sc.inputs)
+    assert all(torch.equal(before[k], v) for k, v in sc.model.state_dict().items())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in sc.model.modules())
+    other = _scenario(digits32, defenses=specs, seed=0)
+    other = gradinv.Scenario(other.model, other.inputs, other.labels, defenses=specs, seed=1).observe()
+    assert not all(torch.equal(a.update[k], other.update[k]) for k in a.update)
+
+
+def test_noise_degrades_the_analytic_attack_that_pruning_does_not_stop(photos32):
+    """Phong et al.'s inversion divides a row's weight gradient by its bias gradient: noise of 1e-2 ruins it,
+    while pruning half of each tensor keeps the rows with the largest bias gradient whole."""
+    psnr = {}
+    for spec in (None, "noise:0.01", "prune:0.5"):
+        sc = _scenario(photos32, batch_size=1, defenses=(spec,) if spec else ())
+        rec = gradinv.build_attack("analytic").reconstruct(sc.observe())
+        psnr[spec] = gradinv.score_images(rec.images, sc.ground_truth().images).mean_psnr
+    assert psnr[None] > 60 and psnr["prune:0.5"] > 60
+    assert psnr["noise:0.01"] < psnr[None] - 20
+
+
+# -- the CLI --------------------------------------------------------------------------------------------------------
+
+FAST = ["--model", "mlp", "--data", "digits", "--quiet"]
+
+
+def test_cli_attack_records_defenses_and_epsilon(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["attack", "analytic", *FAST, "--defense", "dpsgd:noise_multiplier=1,clip=1", "--out", str(out)])
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["defenses"] == ["dpsgd:noise_multiplier=1.0,clip=1.0,delta=1e-05"]
+    assert m["dp_epsilon"] == pytest.approx(gaussian_epsilon(1.0, delta=1e-5))
+
+
+def test_cli_capture_applies_defenses(tmp_path, capsys):
+    out = tmp_path / "cap"
+    assert main(["capture", *FAST[:-1], "--defense", "sign", "--out", str(out)]) == 0
+    meta = json.loads((out / "capture.json").read_text())
+    assert meta["defenses"] == ["sign:scaled=True"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--defense", "bogus"],
+        ["--defense", "prune:2"],
+        ["--defense", "mixup"],  # batch 1 has nothing to mix with
+        ["--defense", "noise:0.1", "--update", "missing.safetensors"],
+    ],
+)
+def test_cli_defense_mistakes_are_one_line_errors(tmp_path, capsys, extra):
+    out = tmp_path / "bad"
+    code = main(["attack", "analytic", *FAST, *extra, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
