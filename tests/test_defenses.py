@@ -301,3 +301,74 @@ def test_cli_defense_mistakes_are_one_line_errors(tmp_path, capsys, extra):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+# -- the defense sweep ----------------------------------------------------------------------------------------------
+
+
+def test_bench_defenses_writes_table_picture_and_resumes(tmp_path):
+    from gradinv.defense_bench import bench_defenses
+
+    out = tmp_path / "sweep"
+    kw = dict(attack="analytic", model="mlp", data="digits", samples=2, out=out)
+    first = bench_defenses(defenses=["noise:1e-2", "mixup", "dpsgd:1"], **kw)
+    rows = {r["defense"].split(":")[0]: r for r in first["summary"]}
+    assert rows["none"]["psnr"] > 60 and rows["none"]["update_cosine"] == pytest.approx(1.0)
+    assert rows["noise"]["psnr"] < rows["none"]["psnr"] - 20 and rows["noise"]["update_cosine"] < 1
+    assert rows["mixup"]["answered"] == 0 and "at least 2" in rows["mixup"]["declined"]
+    assert rows["dpsgd"]["dp_epsilon"] == pytest.approx(gaussian_epsilon(1.0, delta=1e-5))
+    for name in ("defenses.json", "defenses.md", "defenses.png"):
+        assert (out / name).stat().st_size > 0
+    saved = json.loads((out / "defenses.json").read_text())
+    assert len(saved["trials"]) == 2 * 4
+    again = bench_defenses(defenses=["noise:1e-2", "mixup", "dpsgd:1", "sign"], **kw)  # resumes, adds sign
+    assert len(again["trials"]) == 2 * 5
+    assert again["trials"][:8] == first["trials"]
+    with pytest.raises(ConfigError, match="different sweep"):
+        bench_defenses(defenses=["sign"], **{**kw, "data": "photos"})
+
+
+def test_cli_bench_defenses(tmp_path, capsys):
+    out = tmp_path / "b"
+    argv = ["bench", "defenses", "--attack", "analytic", "--model", "mlp", "--data", "digits", "--samples", "1"]
+    assert main([*argv, "--defense", "prune:0.9", "--out", str(out), "--quiet"]) == 0
+    assert "prune:fraction=0.9" in capsys.readouterr().out
+    assert main([*argv, "--out", str(tmp_path / "c")]) == 2  # no --defense
+    assert main([*argv, "--defense", "nope", "--out", str(tmp_path / "d")]) == 2
+    assert not (tmp_path / "d").exists()
+
+
+# -- secure aggregation: several clients, the server sees their mean update ------------------------------------
+
+
+def test_fedsgd_aggregate_of_equal_clients_is_the_batch_gradient(digits32):
+    one = _scenario(digits32, batch_size=6).observe()
+    three = _scenario(digits32, batch_size=6, clients=3).observe()
+    assert three.clients == 3
+    assert all(torch.allclose(one.update[k], three.update[k], atol=1e-6) for k in one.update)
+
+
+def test_fedavg_aggregate_is_the_weighted_mean_of_client_rounds_and_replays_exactly(digits32):
+    from gradinv.attacks.components.objectives import OBJECTIVES
+    from gradinv.attacks.components.replay import matching_cost
+
+    protocol = gradinv.FedAvg(local_steps=3, lr=0.5, local_batch_size=1)
+    sc = _scenario(digits32, batch_size=5, clients=2, protocol=protocol)
+    obs = sc.observe()
+    parts = [sc.inputs[:3], sc.inputs[3:]], [sc.labels[:3], sc.labels[3:]]
+    alone = [gradinv.Scenario(sc.model, x, y, protocol=protocol).observe().update for x, y in zip(*parts, strict=True)]
+    for k in obs.update:
+        assert torch.allclose(obs.update[k], 0.6 * alone[0][k] + 0.4 * alone[1][k], atol=1e-6)
+    cost = matching_cost(obs, objective=OBJECTIVES["euclidean"])
+    assert float(cost(sc.inputs, sc.labels)) < 1e-10
+    shuffled = torch.cat([sc.inputs[3:], sc.inputs[:3]])  # the same samples, other clients: another update
+    assert float(cost(shuffled, torch.cat([sc.labels[3:], sc.labels[:3]]))) > 1e-8
+
+
+def test_each_client_defends_its_own_update(digits32):
+    sc = _scenario(digits32, batch_size=4, clients=2, defenses=("noise:0.1",))
+    clean = _scenario(digits32, batch_size=4, clients=2).observe()
+    diff = torch.cat([(sc.observe().update[k] - clean.update[k]).flatten() for k in clean.update])
+    assert float(diff.std()) == pytest.approx(0.1 / 2**0.5, rel=0.05)  # mean of two independent noises
+    with pytest.raises(ConfigError, match="cannot share"):
+        _scenario(digits32, batch_size=2, clients=3)

@@ -108,6 +108,12 @@ def _add_run_options(p: argparse.ArgumentParser, *, model: str, data: str) -> No
         help="client computes its update in train mode (BatchNorm uses the private batch's statistics)",
     )
     p.add_argument(
+        "--clients",
+        type=_positive,
+        default=1,
+        help="clients sharing the batch; the server sees only the mean of their updates (secure aggregation)",
+    )
+    p.add_argument(
         "--defense",
         dest="defenses",
         action="append",
@@ -177,6 +183,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bl.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    bd = bench_sub.add_parser("defenses", help="one attack undefended and under each --defense: table and picture")
+    bd.add_argument("--attack", default="invgrad", help="the attack (default invgrad; see `gradinv list`)")
+    bd.add_argument("--model", default="convnet", help="model name (default convnet)")
+    _add_model_options(bd)
+    bd.add_argument("--data", default="photos", help="the clients' data (default photos)")
+    bd.add_argument("--image-size", type=_positive, default=32, help="image side in pixels (default 32)")
+    bd.add_argument("--batch-size", type=_positive, default=1, help="client batch size (default 1)")
+    bd.add_argument("--samples", type=_positive, default=2, help="client batches, seeds seed.. (default 2)")
+    bd.add_argument("--seed", type=int, default=0, help="seed of the model and the first batch (default 0)")
+    bd.add_argument("--iterations", type=_positive, help="attack iterations (default: the paper's)")
+    bd.add_argument("--trained-steps", type=_nonneg, default=0, help="train the model on digits first")
+    bd.add_argument(
+        "--defense",
+        dest="defenses",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a defense to test, repeatable (e.g. noise:0.01, prune:0.9, soteria:0.6); the undefended case is added",
+    )
+    _add_key_values(bd, "--attack-option", "one of the attack's settings, repeatable")
+    bd.add_argument(
+        "--out", type=Path, default=Path("runs/bench-defenses"), help="output folder (default runs/bench-defenses)"
+    )
+    bd.add_argument("--quiet", action="store_true", help="no progress bar")
+
     an = sub.add_parser("analyze", help="rank analysis: which layers' updates determine their inputs (R-GAP)")
     an.add_argument("--model", default="cnn6", help="model name (default cnn6; see `gradinv list`)")
     _add_model_options(an)
@@ -245,6 +276,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         model_options=dict(args.model_options),
         attack_settings=dict(args.attack_options),
         defenses=args.defenses,
+        clients=args.clients,
         progress=not args.quiet,
     )
     m = result.metrics
@@ -293,6 +325,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         train_mode=args.train_mode,
         defenses=defenses,
         seed=args.seed,
+        clients=args.clients,
     ).observe()
     save_model(model, args.out / "weights.safetensors")
     save_update(obs.update, args.out / "update.safetensors", metadata={"protocol": protocol.to_dict()})
@@ -308,6 +341,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
             "protocol": protocol.to_dict(),
             "train_mode": args.train_mode,
             "defenses": list(obs.defenses),
+            "clients": obs.clients,
         },
         args.out / "capture.json",
     )
@@ -332,6 +366,7 @@ def _cmd_labels(args: argparse.Namespace) -> int:
         train_mode=args.train_mode,
         model_options=dict(args.model_options),
         defenses=args.defenses,
+        clients=args.clients,
     )
     records = run_trials(case, [args.method], batch_size=args.batch_size, trials=args.trials, seed=args.seed)
     if not args.quiet:
@@ -356,6 +391,39 @@ def _cmd_labels(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    return _bench_defenses(args) if args.bench == "defenses" else _bench_labels(args)
+
+
+def _bench_defenses(args: argparse.Namespace) -> int:
+    from gradinv.defense_bench import bench_defenses, markdown_table
+
+    _check_out(args.out)
+    if not args.defenses:
+        raise ConfigError("bench defenses needs at least one --defense SPEC (e.g. --defense noise:0.01)")
+    settings = dict(args.attack_options)
+    if args.iterations is not None:
+        settings["iterations"] = args.iterations
+    result = bench_defenses(
+        attack=args.attack,
+        defenses=args.defenses,
+        model=args.model,
+        model_options=dict(args.model_options),
+        data=args.data,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        samples=args.samples,
+        seed=args.seed,
+        attack_settings=settings,
+        trained_steps=args.trained_steps,
+        out=args.out,
+        progress=not args.quiet,
+    )
+    print(markdown_table(result["config"], result["summary"]), end="")
+    print(f"-> {args.out}/defenses.md, defenses.json, defenses.png")
+    return 0
+
+
+def _bench_labels(args: argparse.Namespace) -> int:
     from gradinv.attacks.labels import LABEL_METHODS, check_methods
     from gradinv.label_bench import bench_labels, plot_accuracy, save_trials
 

@@ -165,6 +165,7 @@ def run_attack(
     server: str = "honest",
     model_options: Mapping[str, Any] | None = None,
     defenses: Sequence[Defense | str] = (),
+    clients: int = 1,
     progress: bool = False,
     callback=None,
 ) -> RunResult:
@@ -177,12 +178,16 @@ def run_attack(
     or ``"trap"`` (:func:`gradinv.fl.malicious.parse_server`), fitted to public data of the same source that the
     client's batch does not contain. ``defenses`` (instances or specs such as ``"noise:0.01"``) are the
     client's, applied in order (:mod:`gradinv.defenses`); a captured update already carries its client's.
+    ``clients > 1`` shares the batch among that many clients whose mean update alone the server sees.
     """
     if attack not in ATTACKS:
         raise ConfigError(f"unknown attack {attack!r}: choose one of {', '.join(sorted(ATTACKS))}")
     defenses = tuple(as_defense(d) for d in defenses)  # checked before any model is built or trained
-    if defenses and update is not None:
-        raise ConfigError("a captured --update already holds its client's defenses: give --defense to capture")
+    if (defenses or clients > 1) and update is not None:
+        raise ConfigError(
+            "a captured --update already holds its clients' defenses and aggregation: give --defense and "
+            "--clients to capture"
+        )
     overrides = dict(attack_settings or {})
     for key, value in (("iterations", iterations), ("restarts", restarts)):
         if value is not None:
@@ -223,6 +228,7 @@ def run_attack(
             train_mode=train_mode,
             defenses=defenses,
             seed=seed,
+            clients=clients,
         )
         observation = scenario.observe()
         truth = scenario.ground_truth()
@@ -258,6 +264,7 @@ def run_attack(
         "train_mode": train_mode,
         "server": server,
         "defenses": [d.spec() for d in defenses],
+        "clients": clients,
         "dp_epsilon": dp_epsilon(defenses),
         "label_source": rec.settings.get("label_source"),
         "attack_settings": {k: v for k, v in rec.settings.items() if k != "label_source"},

@@ -64,6 +64,7 @@ class LabelCase:
     protocol: Protocol = field(default_factory=FedSGD)
     train_mode: bool = False
     defenses: tuple[Defense, ...] = ()
+    clients: int = 1
 
 
 def prepare_case(
@@ -78,9 +79,11 @@ def prepare_case(
     train_mode: bool = False,
     model_options: Mapping[str, Any] | None = None,
     defenses: Sequence[Defense | str] = (),
+    clients: int = 1,
 ) -> LabelCase:
     """Load ``data``, build ``model`` with enough classes, and train it ``trained_steps`` SGD steps on ``data``
-    (the state a server sends mid-training on the task). The clients apply ``defenses`` (specs or instances)."""
+    (the state a server sends mid-training on the task). The clients apply ``defenses`` (specs or instances);
+    with ``clients > 1`` each batch is shared by that many clients and the server sees their mean update."""
     defenses = tuple(as_defense(d) for d in defenses)
     dataset = load_dataset(data, image_size=image_size, channels=3)
     classes = num_classes or dataset.num_classes
@@ -95,7 +98,7 @@ def prepare_case(
         dataset=dataset,
         model_options=model_options,
     )
-    return LabelCase(model, net, dataset, trained_steps, protocol or FedSGD(), train_mode, defenses)
+    return LabelCase(model, net, dataset, trained_steps, protocol or FedSGD(), train_mode, defenses, clients)
 
 
 def run_trials(
@@ -121,6 +124,7 @@ def run_trials(
             train_mode=case.train_mode,
             defenses=case.defenses,
             seed=seed + t,
+            clients=case.clients,
         ).observe()
         common = dict(
             data=ds.name,

@@ -82,6 +82,8 @@ class Observation:
     train_mode: bool = False
     #: the client's defenses, as spec strings (public protocol metadata: the server knows what the client runs)
     defenses: tuple[str, ...] = ()
+    #: how many clients' updates the server sees only the weighted mean of (secure aggregation); 1: one client
+    clients: int = 1
 
     @property
     def update_kind(self) -> str:
@@ -106,6 +108,7 @@ class Observation:
             knowledge=Knowledge(**values),
             train_mode=self.train_mode,
             defenses=self.defenses,
+            clients=self.clients,
         )
 
 

@@ -70,6 +70,7 @@ def save_reconstruction_grid(
     truth: Tensor | None,
     reconstruction: Tensor,
     psnr: Sequence[float] | None = None,
+    captions: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
     """Save a PNG grid: ground truth row above the reconstruction row, ``(B, C, H, W)`` images in ``[0, 1]``.
@@ -77,8 +78,9 @@ def save_reconstruction_grid(
     Grey images (``C == 1``) are drawn in grey, RGB as is; values are clamped to ``[0, 1]``. Pixels are
     upscaled by nearest neighbour (about 1.3 inch at 120 dpi per image). At most 16 images per row; larger
     batches wrap into more truth/reconstruction row pairs. When ``psnr`` is given (one value per
-    reconstruction) each reconstruction is labelled with it. With ``truth=None`` only reconstructions are
-    drawn. Returns the written path.
+    reconstruction) each reconstruction is labelled with it; ``captions`` (one short text per reconstruction,
+    up to two lines) label them instead. With ``truth=None`` only reconstructions are drawn. Returns the
+    written path.
     """
     rec = _to_display(reconstruction, "reconstruction")
     tru = _to_display(truth, "truth") if truth is not None else None
@@ -88,6 +90,10 @@ def save_reconstruction_grid(
         raise ShapeError(f"truth images are {tru.shape[1:3]} pixels but reconstructions are {rec.shape[1:3]}")
     if psnr is not None and len(psnr) != n_rec:
         raise ShapeError(f"got {len(psnr)} PSNR values for {n_rec} reconstructed images")
+    if captions is not None and len(captions) != n_rec:
+        raise ShapeError(f"got {len(captions)} captions for {n_rec} reconstructed images")
+    if captions is None and psnr is not None:
+        captions = [f"{float(v):.1f} dB" for v in psnr]
     n = max(n_rec, n_tru, 1)
     cols = min(n, _MAX_COLS)
     groups = math.ceil(n / cols)
@@ -98,7 +104,7 @@ def save_reconstruction_grid(
     cell_h = _CELL_IN
     cell_w = _CELL_IN * min(max(img_w / max(img_h, 1), 0.25), 4.0)  # keep the aspect ratio of the images
     gap = 0.06
-    label_h = 0.22 if psnr is not None else 0.0
+    label_h = 0.0 if captions is None else 0.22 * max((c.count("\n") + 1 for c in captions), default=1)
     title_h = 0.4 if title else 0.0
     side_w = 0.3 if tru is not None else 0.05
     group_h = rows_per_group * cell_h + (rows_per_group - 1) * gap + label_h
@@ -139,8 +145,8 @@ def save_reconstruction_grid(
                 draw(ax, rec[i])
                 if c == 0 and tru is not None:
                     ax.set_ylabel("reconstruction", fontsize=9)
-                if psnr is not None:
-                    ax.set_xlabel(f"{float(psnr[i]):.1f} dB", fontsize=8, labelpad=2)
+                if captions is not None:
+                    ax.set_xlabel(captions[i], fontsize=8, labelpad=2)
     return _save_atomic(fig, path)
 
 

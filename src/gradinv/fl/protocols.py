@@ -128,6 +128,44 @@ def client_update(
     raise ConfigError(f"unknown protocol {protocol!r}: use FedSGD() or FedAvg(...)")
 
 
+def client_slices(num_samples: int, clients: int) -> list[slice]:
+    """How a batch of ``num_samples`` is shared by ``clients`` clients: contiguous, sizes differing by at most 1."""
+    if not 1 <= clients <= num_samples:
+        raise ConfigError(f"{clients} clients cannot share {num_samples} samples: use 1 to {num_samples} clients")
+    base, extra = divmod(num_samples, clients)
+    bounds = [0]
+    for k in range(clients):
+        bounds.append(bounds[-1] + base + (1 if k < extra else 0))
+    return [slice(bounds[k], bounds[k + 1]) for k in range(clients)]
+
+
+def aggregate(updates: list[Params], sizes: list[int]) -> Params:
+    """The sample-weighted mean of client updates (FedAvg's server step; what secure aggregation reveals)."""
+    total = sum(sizes)
+    return {k: sum(u[k] * (n / total) for u, n in zip(updates, sizes, strict=True)) for k in updates[0]}
+
+
+def aggregated_update(
+    protocol: Protocol,
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    clients: int = 1,
+    loss_fn: LossFn = cross_entropy,
+) -> Params:
+    """What the server sees when ``clients`` clients share the batch (split by :func:`client_slices`) and only
+    the weighted mean of their updates is revealed (secure aggregation, Bonawitz et al. 2017). Pure and
+    differentiable in ``inputs`` and ``targets``, as :func:`client_update`."""
+    if clients == 1:
+        return client_update(protocol, model, params, buffers, inputs, targets, loss_fn=loss_fn)
+    parts = client_slices(inputs.shape[0], clients)
+    updates = [client_update(protocol, model, params, buffers, inputs[s], targets[s], loss_fn=loss_fn) for s in parts]
+    return aggregate(updates, [s.stop - s.start for s in parts])
+
+
 def protocol_from_dict(data: Mapping) -> Protocol:
     """Rebuild a protocol from :meth:`to_dict` output (e.g. read back from a metadata file)."""
     name = data.get("name")

@@ -13,7 +13,7 @@ from gradinv.data.dataset import Normalization
 from gradinv.defenses.base import ClientBatch, ClientState, DataDefense, UpdateDefense, as_defense
 from gradinv.errors import ConfigError, ShapeError
 from gradinv.fl.functional import stateless_twin
-from gradinv.fl.protocols import FedSGD, LossFn, Protocol, client_update, cross_entropy
+from gradinv.fl.protocols import FedSGD, LossFn, Protocol, aggregate, client_slices, client_update, cross_entropy
 from gradinv.models import classifier_layer
 from gradinv.types import GroundTruth, Knowledge, Observation, ThreatModel, named_state
 
@@ -27,7 +27,9 @@ class Scenario:
 
     ``defenses`` (instances or spec strings such as ``"prune:0.9"``, see :mod:`gradinv.defenses`) act in
     order: data defenses on the batch before training, then update defenses on what is shared; ``seed`` fixes
-    their randomness (noise, mixing partners, keys).
+    their randomness (noise, mixing partners, keys). ``clients > 1`` shares the batch among that many clients
+    (contiguous, near-equal parts), each training and defending on its own, and the server sees only the
+    sample-weighted mean of their updates (secure aggregation or homomorphic encryption of the sum).
 
     ``train_mode=False`` (default) computes the update with BatchNorm using the running statistics the server
     sent, as in Inverting Gradients' experiments (inversefed) and breaching when public buffers are sent;
@@ -44,6 +46,7 @@ class Scenario:
     loss_fn: LossFn = cross_entropy
     defenses: tuple = ()
     seed: int = 0
+    clients: int = 1
 
     def __post_init__(self) -> None:
         defenses = tuple(as_defense(d) for d in self.defenses)
@@ -62,6 +65,7 @@ class Scenario:
             )
         if self.inputs.shape[0] < 1:
             raise ConfigError("the client's batch is empty: give at least one sample")
+        client_slices(self.inputs.shape[0], self.clients)  # checks that the clients can share the batch
 
     @classmethod
     def from_images(
@@ -91,12 +95,47 @@ class Scenario:
         params, buffers = named_state(model)
         twin = stateless_twin(model, train_mode=self.train_mode)
         generator = torch.Generator().manual_seed(int(self.seed))
-        batch = ClientBatch(
-            inputs=self.inputs.detach(),
-            targets=self.labels,
-            normalization=self.norm,
-            num_classes=_num_classes(model),
+        num_classes = _num_classes(model)
+        updates, sizes = [], []
+        for part in client_slices(self.inputs.shape[0], self.clients):
+            batch = ClientBatch(
+                inputs=self.inputs[part].detach(),
+                targets=self.labels[part],
+                normalization=self.norm,
+                num_classes=num_classes,
+            )
+            updates.append(self._client_round(twin, params, buffers, batch, generator))
+            sizes.append(part.stop - part.start)
+        update = aggregate(updates, sizes)
+        sent = copy.deepcopy(model)
+        t = self.threat
+        knowledge = Knowledge(
+            input_shape=tuple(self.inputs.shape[1:]) if t.known_input_shape else None,
+            num_samples=int(self.inputs.shape[0]) if t.known_num_samples else None,
+            labels=self.labels.clone() if t.known_labels else None,
+            normalization=self.norm if t.known_normalization else None,
         )
+        return Observation(
+            model=sent,
+            parameters=params,
+            buffers=buffers,
+            update={k: v.detach() for k, v in update.items()},
+            protocol=self.protocol,
+            knowledge=knowledge,
+            train_mode=self.train_mode,
+            defenses=tuple(d.spec() for d in self.defenses),
+            clients=self.clients,
+        )
+
+    def _client_round(
+        self,
+        twin: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        batch: ClientBatch,
+        generator: torch.Generator,
+    ) -> dict[str, Tensor]:
+        """One client's round: data defenses, the protocol's local training, update defenses."""
         for defense in self.defenses:
             if isinstance(defense, DataDefense):
                 batch = defense.transform(batch, generator=generator)
@@ -122,24 +161,7 @@ class Scenario:
         for defense in self.defenses:
             if isinstance(defense, UpdateDefense):
                 update = defense.transform(update, client=client, generator=generator)
-        sent = copy.deepcopy(model)
-        t = self.threat
-        knowledge = Knowledge(
-            input_shape=tuple(self.inputs.shape[1:]) if t.known_input_shape else None,
-            num_samples=int(self.inputs.shape[0]) if t.known_num_samples else None,
-            labels=self.labels.clone() if t.known_labels else None,
-            normalization=self.norm if t.known_normalization else None,
-        )
-        return Observation(
-            model=sent,
-            parameters=params,
-            buffers=buffers,
-            update={k: v.detach() for k, v in update.items()},
-            protocol=self.protocol,
-            knowledge=knowledge,
-            train_mode=self.train_mode,
-            defenses=tuple(d.spec() for d in self.defenses),
-        )
+        return update
 
     def ground_truth(self) -> GroundTruth:
         """The private batch, for evaluation only."""

@@ -10,7 +10,7 @@ from torch import Tensor
 from gradinv.attacks.components.objectives import Objective
 from gradinv.attacks.components.regularizers import total_variation
 from gradinv.fl.functional import stateless_twin
-from gradinv.fl.protocols import client_update, cross_entropy
+from gradinv.fl.protocols import aggregated_update, cross_entropy
 from gradinv.types import Observation
 
 
@@ -34,7 +34,9 @@ def matching_cost(
     distance = objective(target)
 
     def cost(x: Tensor, y: Tensor) -> Tensor:
-        update = client_update(protocol, twin, params, buffers, x, y, loss_fn=cross_entropy)
+        update = aggregated_update(
+            protocol, twin, params, buffers, x, y, clients=observation.clients, loss_fn=cross_entropy
+        )
         value = distance(update)
         if tv_weight:
             value = value + tv_weight * total_variation(x)
