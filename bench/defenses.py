@@ -28,6 +28,7 @@ UPDATE = [
     "dpsgd:noise_multiplier=1,clip=1",
     "soteria:0.6",
     "pixelate:4",
+    "dropout:0.5",
 ]
 DATA = ["mixup:2", "instahide:4", "pixelate:4", "noise:1e-2", "soteria:0.6"]
 

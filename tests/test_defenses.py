@@ -23,7 +23,7 @@ from gradinv.errors import ConfigError
 from gradinv.fl.functional import layer_input, stateless_twin
 from gradinv.types import named_state
 
-SURVEY_TABLE_2 = {"mixup", "instahide", "pixelate", "noise", "dpsgd", "prune", "sign", "soteria"}
+SURVEY_TABLE_2 = {"mixup", "instahide", "pixelate", "dropout", "noise", "dpsgd", "prune", "sign", "soteria"}
 
 
 def _scenario(data, *, model="mlp", batch_size=4, seed=0, **options):
@@ -45,7 +45,7 @@ def test_registry_holds_the_survey_defenses_and_specs_round_trip():
     assert set(DEFENSES) >= SURVEY_TABLE_2
     for name in DEFENSES:
         d = build_defense(name)
-        assert d.stage in ("data", "update")
+        assert d.stage in ("data", "model", "update")
         again = parse_defense(d.spec())
         assert type(again) is type(d) and again.settings == d.settings
 
@@ -67,7 +67,7 @@ def test_bad_specs_raise_config_errors(spec):
 
 
 def test_defenses_must_act_data_first(digits32):
-    with pytest.raises(ConfigError, match="data before update"):
+    with pytest.raises(ConfigError, match="data, then model, then update"):
         _scenario(digits32, defenses=("noise:0.1", "mixup"))
 
 
@@ -372,3 +372,20 @@ def test_each_client_defends_its_own_update(digits32):
     assert float(diff.std()) == pytest.approx(0.1 / 2**0.5, rel=0.05)  # mean of two independent noises
     with pytest.raises(ConfigError, match="cannot share"):
         _scenario(digits32, batch_size=2, clients=3)
+
+
+def test_dropout_masks_the_clients_classifier_input_only(digits32):
+    clean = _scenario(digits32, batch_size=3).observe()
+    sc = _scenario(digits32, batch_size=3, defenses=("dropout:0.5",))
+    a, b = sc.observe(), sc.observe()
+    name = gradinv.models.classifier_layer(a.model)[0]
+    w, w0 = a.update[f"{name}.weight"], clean.update[f"{name}.weight"]
+    assert torch.equal(w, b.update[f"{name}.weight"]) and not torch.allclose(w, w0)
+    assert float((w == 0).all(dim=0).float().mean()) > 0.2  # inputs dropped for all 3 samples give zero columns
+    assert not any(m._forward_pre_hooks for m in a.model.modules()) and not any(
+        m._forward_pre_hooks for m in sc.model.modules()
+    )
+    none = _scenario(digits32, batch_size=3, defenses=("dropout:0",)).observe()
+    assert all(torch.equal(none.update[k], clean.update[k]) for k in clean.update)
+    with pytest.raises(ConfigError, match="dropout"):
+        _scenario(digits32, batch_size=3, defenses=("dropout", "dpsgd")).observe()

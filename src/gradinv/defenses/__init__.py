@@ -7,13 +7,14 @@ registers them all in :data:`DEFENSES`.
 import math
 from collections.abc import Sequence
 
-from gradinv.defenses import data, soteria, update  # noqa: F401  (registers)
+from gradinv.defenses import data, model, soteria, update  # noqa: F401  (registers)
 from gradinv.defenses.base import (
     DEFENSES,
     ClientBatch,
     ClientState,
     DataDefense,
     Defense,
+    ModelDefense,
     UpdateDefense,
     as_defense,
     build_defense,
@@ -42,6 +43,7 @@ __all__ = [
     "ClientState",
     "DataDefense",
     "Defense",
+    "ModelDefense",
     "UpdateDefense",
     "as_defense",
     "build_defense",

@@ -1,7 +1,8 @@
 """The defense interface and registry.
 
 A defense acts at a named point of the client's round: ``"data"`` defenses transform the private batch before
-training (MixUp, InstaHide, pixelisation); ``"update"`` defenses transform what the client shares (noise,
+training (MixUp, InstaHide, pixelisation); ``"model"`` defenses change how the client's model computes
+(dropout before the classifier); ``"update"`` defenses transform what the client shares (noise,
 DP-SGD, pruning, sign compression, Soteria). Their maths lives in :mod:`gradinv.defenses.functional`; a class
 is a paper's settings plus the call into those functions. Specs such as ``"prune:0.9"`` or
 ``"noise:std=0.01,clip=1"`` build one by name (:func:`parse_defense`), as the CLI's ``--defense`` does.
@@ -23,7 +24,7 @@ from gradinv.data.dataset import Normalization
 from gradinv.errors import ConfigError
 from gradinv.fl.protocols import LossFn, Protocol
 
-Stage = Literal["data", "update"]
+Stage = Literal["data", "model", "update"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -84,6 +85,15 @@ class DataDefense(Defense):
 
     @abstractmethod
     def transform(self, batch: ClientBatch, *, generator: torch.Generator) -> ClientBatch: ...
+
+
+class ModelDefense(Defense):
+    """A defense on the client's own computation: it returns the model the client trains with (a copy)."""
+
+    stage: ClassVar[Stage] = "model"
+
+    @abstractmethod
+    def transform(self, model: nn.Module, *, generator: torch.Generator) -> nn.Module: ...
 
 
 class UpdateDefense(Defense):

@@ -100,7 +100,14 @@ class DPSGD(UpdateDefense):
             out = functional_call(client.model, (p, dict(client.buffers)), (x.unsqueeze(0),))
             return client.loss_fn(out, y.unsqueeze(0))
 
-        per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(dict(client.params), batch.inputs, targets)
+        try:
+            per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(dict(client.params), batch.inputs, targets)
+        except RuntimeError as exc:
+            if "random" not in str(exc).lower():
+                raise
+            raise ConfigError(
+                "dpsgd cannot take per-sample gradients through a random model defense (dropout)"
+            ) from None
         norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in per_sample.values()))
         factor = (s.clip / (norms + 1e-12)).clamp(max=1.0)
         b = batch.inputs.shape[0]

@@ -10,7 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from gradinv.data.dataset import Normalization
-from gradinv.defenses.base import ClientBatch, ClientState, DataDefense, UpdateDefense, as_defense
+from gradinv.defenses.base import (
+    ClientBatch,
+    ClientState,
+    DataDefense,
+    ModelDefense,
+    UpdateDefense,
+    as_defense,
+)
 from gradinv.errors import ConfigError, ShapeError
 from gradinv.fl.functional import stateless_twin
 from gradinv.fl.protocols import FedSGD, LossFn, Protocol, aggregate, client_slices, client_update, cross_entropy
@@ -51,10 +58,10 @@ class Scenario:
     def __post_init__(self) -> None:
         defenses = tuple(as_defense(d) for d in self.defenses)
         stages = [d.stage for d in defenses]
-        if stages != sorted(stages):  # "data" < "update"
+        if stages != sorted(stages):  # "data" < "model" < "update"
             raise ConfigError(
-                f"defenses act in order, data before update: got {[d.name for d in defenses]}; "
-                "put the data defenses (mixup, instahide, pixelate) first"
+                f"defenses act in order, data, then model, then update: got {[d.name for d in defenses]}; "
+                "put the data defenses (mixup, instahide, pixelate) first and the update defenses last"
             )
         object.__setattr__(self, "defenses", defenses)
         if self.inputs.ndim < 2:
@@ -135,10 +142,13 @@ class Scenario:
         batch: ClientBatch,
         generator: torch.Generator,
     ) -> dict[str, Tensor]:
-        """One client's round: data defenses, the protocol's local training, update defenses."""
+        """One client's round: data defenses, the protocol's local training (through any model defense), update
+        defenses."""
         for defense in self.defenses:
             if isinstance(defense, DataDefense):
                 batch = defense.transform(batch, generator=generator)
+            elif isinstance(defense, ModelDefense):
+                twin = defense.transform(twin, generator=generator)
         with torch.no_grad():
             update = client_update(
                 self.protocol,
