@@ -6,6 +6,7 @@
 from gradinv.attacks import ATTACKS, Attack, build_attack
 from gradinv.attacks.labels import LABEL_METHODS, recover_labels
 from gradinv.data import ImageDataset, Normalization, load_dataset, sample_batch
+from gradinv.defenses import DEFENSES, Defense, build_defense, dp_epsilon, parse_defense
 from gradinv.errors import GradinvError
 from gradinv.fl import FedAvg, FedSGD, Scenario
 from gradinv.metrics import label_accuracy, label_count_accuracy, label_existence_accuracy, score_images
@@ -16,8 +17,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ATTACKS",
+    "DEFENSES",
     "LABEL_METHODS",
     "Attack",
+    "Defense",
     "FedAvg",
     "FedSGD",
     "GradinvError",
@@ -30,12 +33,15 @@ __all__ = [
     "Scenario",
     "ThreatModel",
     "build_attack",
+    "build_defense",
+    "dp_epsilon",
     "build_model",
     "label_accuracy",
     "label_count_accuracy",
     "label_existence_accuracy",
     "list_models",
     "load_dataset",
+    "parse_defense",
     "recover_labels",
     "sample_batch",
     "score_images",

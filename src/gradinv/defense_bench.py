@@ -77,8 +77,7 @@ def bench_defenses(
     the per-defense summary. A defense that cannot act on the case (e.g. MixUp on a batch of one) is recorded
     as declined with its reason.
     """
-    if attack not in ATTACKS:
-        raise ConfigError(f"unknown attack {attack!r}: choose one of {', '.join(sorted(ATTACKS))}")
+    ATTACKS.lookup(attack)  # a clear error for an unknown name before any work
     specs = [NONE] + [as_defense(d).spec() for d in defenses]  # every spec checked before any work
     attacker = build_attack(attack, **dict(attack_settings or {}))
     protocol = protocol or FedSGD()

@@ -180,8 +180,7 @@ def run_attack(
     client's, applied in order (:mod:`gradinv.defenses`); a captured update already carries its client's.
     ``clients > 1`` shares the batch among that many clients whose mean update alone the server sees.
     """
-    if attack not in ATTACKS:
-        raise ConfigError(f"unknown attack {attack!r}: choose one of {', '.join(sorted(ATTACKS))}")
+    ATTACKS.lookup(attack)  # a clear error for an unknown name before any work
     defenses = tuple(as_defense(d) for d in defenses)  # checked before any model is built or trained
     if (defenses or clients > 1) and update is not None:
         raise ConfigError(

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from gradinv._settings import Configurable
-from gradinv.errors import ConfigError, MissingKnowledgeError
+from gradinv.errors import MissingKnowledgeError
+from gradinv.registry import Registry
 from gradinv.types import GroundTruth, Observation, Reconstruction
 
 Callback = Callable[[int, float, Tensor], None]
@@ -82,19 +83,11 @@ class Attack(Configurable, ABC):
     ) -> Reconstruction: ...
 
 
-ATTACKS: dict[str, type[Attack]] = {}
-
-
-def register_attack(cls: type[Attack]) -> type[Attack]:
-    """Class decorator adding an attack to :data:`ATTACKS` under ``cls.name``."""
-    if cls.name in ATTACKS:
-        raise ValueError(f"attack {cls.name!r} registered twice")
-    ATTACKS[cls.name] = cls
-    return cls
+ATTACKS = Registry("attack")
+#: class decorator adding an attack to :data:`ATTACKS` under its ``name``
+register_attack = ATTACKS.register
 
 
 def build_attack(name: str, **settings: Any) -> Attack:
     """An attack by registry name with its settings overridden by keyword."""
-    if name not in ATTACKS:
-        raise ConfigError(f"unknown attack {name!r}: choose one of {', '.join(sorted(ATTACKS))}")
-    return ATTACKS[name](**settings)
+    return ATTACKS.build(name, **settings)

@@ -23,6 +23,7 @@ from gradinv._settings import Configurable
 from gradinv.data.dataset import Normalization
 from gradinv.errors import ConfigError
 from gradinv.fl.protocols import LossFn, Protocol
+from gradinv.registry import Registry
 
 Stage = Literal["data", "model", "update"]
 
@@ -113,22 +114,14 @@ def check_setting(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-DEFENSES: dict[str, type[Defense]] = {}
-
-
-def register_defense(cls: type[Defense]) -> type[Defense]:
-    """Class decorator adding a defense to :data:`DEFENSES` under ``cls.name``."""
-    if cls.name in DEFENSES:
-        raise ValueError(f"defense {cls.name!r} registered twice")
-    DEFENSES[cls.name] = cls
-    return cls
+DEFENSES = Registry("defense")
+#: class decorator adding a defense to :data:`DEFENSES` under its ``name``
+register_defense = DEFENSES.register
 
 
 def build_defense(name: str, **settings: Any) -> Defense:
     """A defense by registry name with its settings overridden by keyword."""
-    if name not in DEFENSES:
-        raise ConfigError(f"unknown defense {name!r}: choose one of {', '.join(sorted(DEFENSES))}")
-    return DEFENSES[name](**settings)
+    return DEFENSES.build(name, **settings)
 
 
 def _parse_value(kind: Any, raw: str, *, owner: str, key: str) -> Any:
@@ -153,9 +146,7 @@ def _parse_value(kind: Any, raw: str, *, owner: str, key: str) -> Any:
 def parse_defense(spec: str) -> Defense:
     """A defense from ``NAME``, ``NAME:VALUE`` (its main setting) or ``NAME:KEY=VALUE,KEY=VALUE``."""
     name, _, rest = spec.strip().partition(":")
-    if name not in DEFENSES:
-        raise ConfigError(f"unknown defense {name!r} in {spec!r}: choose one of {', '.join(sorted(DEFENSES))}")
-    cls = DEFENSES[name]
+    cls = DEFENSES.lookup(name)
     hints = typing.get_type_hints(cls.Settings)
     values: dict[str, Any] = {}
     for part in [p for p in rest.split(",") if p.strip()] if rest else []:

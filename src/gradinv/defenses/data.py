@@ -14,12 +14,26 @@ from gradinv.defenses.base import ClientBatch, DataDefense, check_setting, regis
 from gradinv.errors import ConfigError
 
 
-def _check_batch(name: str, batch: ClientBatch, k: int) -> None:
-    if batch.inputs.shape[0] < k:
-        raise ConfigError(
-            f"{name} mixes each sample with {k - 1} other(s) of the client's batch, which holds "
-            f"{batch.inputs.shape[0]}: use a batch of at least {k} or a smaller k"
-        )
+class _Mixing(DataDefense):
+    """k-way mixing within the client's batch; subclasses choose the weights and what hides the mix."""
+
+    def _coefficients(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _hide(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return inputs
+
+    def transform(self, batch: ClientBatch, *, generator: torch.Generator) -> ClientBatch:
+        k, b = self.settings.k, batch.inputs.shape[0]
+        if b < k:
+            raise ConfigError(
+                f"{self.name} mixes each sample with {k - 1} other(s) of the client's batch, which holds {b}: "
+                f"use a batch of at least {k} or a smaller k"
+            )
+        partners = D.mix_partners(b, k, generator=generator)
+        coeffs = self._coefficients(b, generator)
+        inputs, targets = D.mix(batch.inputs, batch.soft_targets(), partners=partners, coeffs=coeffs)
+        return dataclasses.replace(batch, inputs=self._hide(inputs, generator), targets=targets)
 
 
 @dataclass(frozen=True)
@@ -35,7 +49,7 @@ class MixUpSettings:
 
 
 @register_defense
-class MixUp(DataDefense):
+class MixUp(_Mixing):
     """MixUp (Zhang et al. 2018) as a defense: each training sample is a convex mix of k samples of the batch
     (weights ~ Dirichlet(alpha), Beta(alpha, alpha) for k = 2), its label the same mix of their labels."""
 
@@ -44,14 +58,8 @@ class MixUp(DataDefense):
     Settings = MixUpSettings
     primary = "k"
 
-    def transform(self, batch: ClientBatch, *, generator: torch.Generator) -> ClientBatch:
-        s = self.settings
-        _check_batch(self.name, batch, s.k)
-        b = batch.inputs.shape[0]
-        partners = D.mix_partners(b, s.k, generator=generator)
-        coeffs = D.dirichlet_coefficients(b, s.k, alpha=s.alpha, generator=generator)
-        inputs, targets = D.mix(batch.inputs, batch.soft_targets(), partners=partners, coeffs=coeffs)
-        return dataclasses.replace(batch, inputs=inputs, targets=targets)
+    def _coefficients(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        return D.dirichlet_coefficients(batch, self.settings.k, alpha=self.settings.alpha, generator=generator)
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ class InstaHideSettings:
 
 
 @register_defense
-class InstaHide(DataDefense):
+class InstaHide(_Mixing):
     """InstaHide, inside-dataset variant (Huang et al. 2020): mix k private samples (weights |N(0,1)|
     normalised, none above ``upper``), then flip each pixel's sign by a one-time random key; labels are mixed
     with the same weights. Pixels are flipped in the normalised (zero-centred) space."""
@@ -77,15 +85,11 @@ class InstaHide(DataDefense):
     Settings = InstaHideSettings
     primary = "k"
 
-    def transform(self, batch: ClientBatch, *, generator: torch.Generator) -> ClientBatch:
-        s = self.settings
-        _check_batch(self.name, batch, s.k)
-        b = batch.inputs.shape[0]
-        partners = D.mix_partners(b, s.k, generator=generator)
-        coeffs = D.instahide_coefficients(b, s.k, upper=s.upper, generator=generator)
-        inputs, targets = D.mix(batch.inputs, batch.soft_targets(), partners=partners, coeffs=coeffs)
-        flipped, _ = D.random_sign_flip(inputs, generator=generator)
-        return dataclasses.replace(batch, inputs=flipped, targets=targets)
+    def _coefficients(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        return D.instahide_coefficients(batch, self.settings.k, upper=self.settings.upper, generator=generator)
+
+    def _hide(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return D.random_sign_flip(inputs, generator=generator)[0]
 
 
 @dataclass(frozen=True)
