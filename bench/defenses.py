@@ -2,10 +2,12 @@
 
 Cases (32x32 bundled photos, eval-mode BatchNorm, labels recovered from the update):
 - analytic: Phong et al.'s closed form on an MLP with bias, batch 1 (5 client batches);
-- invgrad: Inverting Gradients (500 iterations) on an untrained width-32 ConvNet, batch 1 (2 batches);
+- invgrad: Inverting Gradients (500 iterations, adaptive to pruning) on an untrained width-16 ConvNet,
+  batch 1 (2 batches);
+- invgrad-static: the same attack not told about the pruning defenses (it matches the zeros too);
 - invgrad-batch4: the same attack on batches of 4, where the data defenses (MixUp, InstaHide) can act.
 Each writes defenses.{md,json,png} under bench/results/defenses/CASE/ (resumable: rerun to continue).
-Usage: python bench/defenses.py [--cases analytic,invgrad,invgrad-batch4] [--iterations 500]
+Usage: python bench/defenses.py [--cases analytic,invgrad,invgrad-static,invgrad-batch4] [--iterations 500]
 """
 
 from __future__ import annotations
@@ -35,29 +37,20 @@ DATA = ["mixup:2", "instahide:4", "pixelate:4", "noise:1e-2", "soteria:0.6"]
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--cases", default="analytic,invgrad,invgrad-batch4")
+    parser.add_argument("--cases", default="analytic,invgrad,invgrad-static,invgrad-batch4")
     parser.add_argument("--iterations", type=int, default=500)
     args = parser.parse_args()
     invgrad = {"iterations": args.iterations}
+    convnet = dict(attack="invgrad", model="convnet", model_options={"width": 16}, samples=2)
     cases = {
         "analytic": dict(attack="analytic", model="mlp", defenses=UPDATE, samples=5),
-        "invgrad": dict(
-            attack="invgrad",
-            model="convnet",
-            model_options={"width": 32},
-            defenses=UPDATE,
-            samples=2,
-            attack_settings=invgrad,
+        "invgrad": dict(**convnet, defenses=UPDATE, attack_settings=invgrad),
+        "invgrad-static": dict(
+            **convnet,
+            defenses=["prune:0.5", "prune:0.9", "soteria:0.6"],
+            attack_settings={**invgrad, "adaptive": False},
         ),
-        "invgrad-batch4": dict(
-            attack="invgrad",
-            model="convnet",
-            model_options={"width": 32},
-            defenses=DATA,
-            samples=2,
-            batch_size=4,
-            attack_settings=invgrad,
-        ),
+        "invgrad-batch4": dict(**convnet, defenses=DATA, batch_size=4, attack_settings=invgrad),
     }
     for name in args.cases.split(","):
         result = bench_defenses(data="photos", out=RESULTS / "defenses" / name, progress=True, **cases[name])

@@ -389,3 +389,22 @@ def test_dropout_masks_the_clients_classifier_input_only(digits32):
     assert all(torch.equal(none.update[k], clean.update[k]) for k in clean.update)
     with pytest.raises(ConfigError, match="dropout"):
         _scenario(digits32, batch_size=3, defenses=("dropout", "dpsgd")).observe()
+
+
+# -- adaptive attacks: the server knows the protocol, so it matches only what a pruned update sent --------------
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_adaptive_invgrad_undoes_pruning(seed):
+    data = gradinv.load_dataset("photos", image_size=16)
+    images, labels = gradinv.sample_batch(data, batch_size=1, seed=seed)
+    net = gradinv.build_model("convnet", num_classes=10, width=8, seed=seed, image_size=16)
+    psnr = {}
+    for spec, adaptive in [(None, True), ("prune:0.9", False), ("prune:0.9", True)]:
+        sc = gradinv.Scenario.from_images(
+            net, images, labels, normalization=data.normalization, defenses=(spec,) if spec else ()
+        )
+        rec = gradinv.build_attack("invgrad", iterations=150, adaptive=adaptive).reconstruct(sc.observe(), seed=seed)
+        psnr[spec, adaptive] = gradinv.score_images(rec.images, sc.ground_truth().images).mean_psnr
+    assert psnr["prune:0.9", True] > psnr["prune:0.9", False] + 1.5
+    assert psnr["prune:0.9", True] > psnr[None, True] - 1.0

@@ -37,6 +37,8 @@ class LBFGSMatchingSettings:
     objective: str = "euclidean"
     label_method: str = "auto"
     log_every: int = 10
+    #: match only the entries a pruning defense sent (see ``replay.matching_cost``)
+    adaptive: bool = True
 
 
 class _LBFGSAttack(Attack):
@@ -63,7 +65,7 @@ class _LBFGSAttack(Attack):
         labels, label_source = self._labels(observation)
         labels = None if labels is None else labels.to(observation.device)
         num_classes = classifier_layer(observation.model)[1].out_features
-        match = matching_cost(observation, objective=OBJECTIVES[s.objective])
+        match = matching_cost(observation, objective=OBJECTIVES[s.objective], adaptive=s.adaptive)
 
         def cost(x: Tensor, y: Tensor | None) -> Tensor:
             return match(x, labels if y is None else torch.softmax(y, dim=-1))

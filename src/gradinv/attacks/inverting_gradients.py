@@ -38,6 +38,8 @@ class InvertingGradientsSettings:
     lr_decay: bool = True
     label_method: str = "auto"
     log_every: int = 50
+    #: match only the entries a pruning defense sent (see ``replay.matching_cost``)
+    adaptive: bool = True
 
 
 @register_attack
@@ -62,7 +64,7 @@ class InvertingGradients(Attack):
         labels, label_source = labels_for(observation, method=s.label_method)
         labels = labels.to(observation.device)
         shape = (s.restarts, k.num_samples, *k.input_shape)
-        cost = matching_cost(observation, objective=OBJECTIVES[s.objective], tv_weight=s.tv_weight)
+        cost = matching_cost(observation, objective=OBJECTIVES[s.objective], tv_weight=s.tv_weight, adaptive=s.adaptive)
         step = vmap(grad_and_value(cost), in_dims=(0, None))
         bounds = box_bounds(observation, shape) if s.boxed else None
 

@@ -13,15 +13,30 @@ from gradinv.fl.functional import stateless_twin
 from gradinv.fl.protocols import aggregated_update, cross_entropy
 from gradinv.types import Observation
 
+#: defenses that zero entries of the shared update; the server sees the zeros, so an adaptive attack matches
+#: only the entries that were sent (Balunovic et al. 2022 break Soteria this way)
+SPARSIFYING_DEFENSES = ("prune", "soteria")
+
+
+def sent_entries(observation: Observation) -> dict[str, Tensor] | None:
+    """Masks of the update entries a sparsifying defense left (None when the client ran no such defense)."""
+    if not any(spec.split(":")[0] in SPARSIFYING_DEFENSES for spec in observation.defenses):
+        return None
+    return {k: (v != 0).to(v.dtype) for k, v in observation.update.items()}
+
 
 def matching_cost(
     observation: Observation,
     *,
     objective: Objective,
     tv_weight: float = 0.0,
+    adaptive: bool = True,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """``cost(x, y)``: distance between the update that candidate data ``(x, y)`` would produce under the
     observed protocol and the observed update, plus ``tv_weight`` times total variation of ``x``.
+
+    ``adaptive``: where the observation says the client pruned its update (``prune``, ``soteria``), compare
+    only the entries it sent, as a server that knows the protocol would.
 
     The function is pure (``torch.func``-friendly): ``vmap`` it over restarts, or differentiate it with
     autograd. ``y`` holds class indices or soft labels (probabilities).
@@ -32,11 +47,14 @@ def matching_cost(
     target = {k: v.detach() for k, v in observation.update.items()}
     protocol = observation.protocol
     distance = objective(target)
+    mask = sent_entries(observation) if adaptive else None
 
     def cost(x: Tensor, y: Tensor) -> Tensor:
         update = aggregated_update(
             protocol, twin, params, buffers, x, y, clients=observation.clients, loss_fn=cross_entropy
         )
+        if mask is not None:
+            update = {k: update[k] * mask[k] for k in update}
         value = distance(update)
         if tv_weight:
             value = value + tv_weight * total_variation(x)
