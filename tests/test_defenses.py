@@ -408,3 +408,26 @@ def test_adaptive_invgrad_undoes_pruning(seed):
         psnr[spec, adaptive] = gradinv.score_images(rec.images, sc.ground_truth().images).mean_psnr
     assert psnr["prune:0.9", True] > psnr["prune:0.9", False] + 1.5
     assert psnr["prune:0.9", True] > psnr[None, True] - 1.0
+
+
+def test_defended_accuracy_prices_the_defense(digits32):
+    from gradinv.defense_bench import defended_accuracy
+
+    net = gradinv.build_model("mlp", num_classes=10, image_size=32, seed=0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    clean = defended_accuracy(net, digits32, (), steps=100)
+    noisy = defended_accuracy(net, digits32, ("noise:1.0",), steps=100)
+    assert clean > 0.85 and noisy < clean - 0.3
+    assert defended_accuracy(net, digits32, (), steps=100) == clean  # seeded
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_bench_defenses_reports_accuracy_with_utility_steps(tmp_path):
+    from gradinv.defense_bench import bench_defenses, markdown_table
+
+    result = bench_defenses(
+        attack="analytic", model="mlp", data="digits", samples=1, defenses=["noise:1.0"], utility_steps=30
+    )
+    rows = {r["defense"]: r for r in result["summary"]}
+    assert rows["none"]["accuracy"] > rows["noise:std=1.0,clip=None,distribution=gaussian"]["accuracy"]
+    assert "accuracy" in markdown_table(result["config"], result["summary"])

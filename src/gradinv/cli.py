@@ -202,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="a defense to test, repeatable (e.g. noise:0.01, prune:0.9, soteria:0.6); the undefended case is added",
     )
+    bd.add_argument(
+        "--utility-steps",
+        type=_nonneg,
+        default=0,
+        help="also train the model this many defended FedSGD rounds on digits and report its accuracy (default 0)",
+    )
     _add_key_values(bd, "--attack-option", "one of the attack's settings, repeatable")
     bd.add_argument(
         "--out", type=Path, default=Path("runs/bench-defenses"), help="output folder (default runs/bench-defenses)"
@@ -415,6 +421,7 @@ def _bench_defenses(args: argparse.Namespace) -> int:
         seed=args.seed,
         attack_settings=settings,
         trained_steps=args.trained_steps,
+        utility_steps=args.utility_steps,
         out=args.out,
         progress=not args.quiet,
     )

@@ -2,12 +2,14 @@
 each defense, scored against the private images, with the defense's cost to the update.
 
 The cost is the cosine between the defended update and the clean one (1: the training signal is intact; the
-"utility" the survey asks defenses to keep) and, for DP-SGD, the round's epsilon. Results are written after
-every run, and a run already in ``defenses.json`` is not repeated: an interrupted sweep resumes.
+"utility" the survey asks defenses to keep), for DP-SGD the round's epsilon, and optionally
+(:func:`defended_accuracy`) the test accuracy of the model trained with defended updates. Results are written
+after every run, and a run already in ``defenses.json`` is not repeated: an interrupted sweep resumes.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import statistics
@@ -21,6 +23,7 @@ import torch
 from gradinv._atomic import atomic_path
 from gradinv.attacks import ATTACKS, build_attack
 from gradinv.data import load_dataset, sample_batch
+from gradinv.data.dataset import ImageDataset
 from gradinv.defenses import as_defense, dp_epsilon
 from gradinv.errors import ConfigError, GradinvError
 from gradinv.experiment import prepare_model
@@ -30,11 +33,14 @@ from gradinv.io import write_json_atomic
 from gradinv.metrics import label_accuracy, score_images
 
 NONE = "none"
+#: the seed recorded for a utility run (training with the defense), which attacks no client batch
+UTILITY = -1
 
 
 @dataclasses.dataclass
 class DefenseTrial:
-    """One attack on one client batch under one defense (``"none"``: undefended)."""
+    """One attack on one client batch under one defense (``"none"``: undefended), or with ``seed`` UTILITY the
+    held-out ``accuracy`` of the model trained with that defense."""
 
     defense: str
     seed: int
@@ -42,6 +48,7 @@ class DefenseTrial:
     ssim: float | None = None
     label_accuracy: float | None = None
     update_cosine: float | None = None
+    accuracy: float | None = None
     seconds: float | None = None
     declined: str | None = None
 
@@ -52,6 +59,47 @@ def update_cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) 
     na = sum(float(a[k].double().pow(2).sum()) for k in a) ** 0.5
     nb = sum(float(b[k].double().pow(2).sum()) for k in b) ** 0.5
     return dot / max(na * nb, 1e-300)
+
+
+def defended_accuracy(
+    model: torch.nn.Module,
+    dataset: ImageDataset,
+    defenses: Sequence[str],
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 0.1,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+) -> float:
+    """Held-out accuracy after ``steps`` FedSGD rounds on ``dataset``: each round one client takes a batch,
+    applies ``defenses`` and shares its update, and the server takes an SGD step of ``lr`` with it.
+
+    The data are split once (seeded) into training and test parts; ``model`` itself is not changed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=g)
+    n_test = max(1, int(test_fraction * len(dataset)))
+    test, train = order[:n_test], order[n_test:]
+    net = copy.deepcopy(model)
+    for step in range(steps):
+        idx = train[torch.randint(0, len(train), (batch_size,), generator=g)]
+        sc = Scenario.from_images(
+            net,
+            dataset.images[idx],
+            dataset.labels[idx],
+            normalization=dataset.normalization,
+            defenses=tuple(defenses),
+            seed=seed + step,
+        )
+        update = sc.observe().update
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                p -= lr * update[name]
+    net.eval()
+    with torch.no_grad():
+        logits = net(dataset.normalization.normalize(dataset.images[test]))
+    return float((logits.argmax(dim=1) == dataset.labels[test]).double().mean())
 
 
 def bench_defenses(
@@ -68,6 +116,7 @@ def bench_defenses(
     attack_settings: Mapping[str, Any] | None = None,
     trained_steps: int = 0,
     protocol: Protocol | None = None,
+    utility_steps: int = 0,
     out: Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -75,7 +124,8 @@ def bench_defenses(
 
     Returns (and, with ``out``, writes as it goes to ``out/defenses.json``) the configuration, every trial and
     the per-defense summary. A defense that cannot act on the case (e.g. MixUp on a batch of one) is recorded
-    as declined with its reason.
+    as declined with its reason. ``utility_steps > 0`` also trains the model that many defended FedSGD rounds
+    on the bundled digits (batch 32) and reports its held-out accuracy per defense (:func:`defended_accuracy`).
     """
     ATTACKS.lookup(attack)  # a clear error for an unknown name before any work
     specs = [NONE] + [as_defense(d).spec() for d in defenses]  # every spec checked before any work
@@ -92,6 +142,7 @@ def bench_defenses(
         "seed": seed,
         "trained_steps": trained_steps,
         "protocol": protocol.to_dict(),
+        "utility_steps": utility_steps,
     }
     trials = _resume(out, config)
     done = {(t.defense, t.seed) for t in trials}
@@ -150,6 +201,23 @@ def bench_defenses(
             bar.update(1)
     if bar is not None:
         bar.close()
+    if utility_steps:
+        digits = load_dataset("digits", image_size=image_size, channels=3)
+        for spec in specs:
+            if any(t.defense == spec and t.seed == UTILITY for t in trials):
+                continue
+            trial = DefenseTrial(defense=spec, seed=UTILITY)
+            start = time.perf_counter()
+            try:
+                trial.accuracy = defended_accuracy(
+                    net, digits, () if spec == NONE else (spec,), steps=utility_steps, seed=seed
+                )
+            except GradinvError as exc:
+                trial.declined = str(exc)
+            trial.seconds = time.perf_counter() - start
+            trials.append(trial)
+            if out is not None:
+                _write(out, config, trials, specs)
     result = {"config": config, "trials": [dataclasses.asdict(t) for t in trials], "summary": summarize(trials, specs)}
     if out is not None:
         _write(out, config, trials, specs, final=True)
@@ -165,7 +233,8 @@ def summarize(trials: Sequence[DefenseTrial], specs: Sequence[str]) -> list[dict
 
     rows = []
     for spec in specs:
-        group = [t for t in trials if t.defense == spec]
+        utility = next((t for t in trials if t.defense == spec and t.seed == UTILITY), None)
+        group = [t for t in trials if t.defense == spec and t.seed != UTILITY]
         ok = [t for t in group if t.declined is None]
         labels = [t.label_accuracy for t in ok if t.label_accuracy is not None]
         rows.append(
@@ -178,6 +247,7 @@ def summarize(trials: Sequence[DefenseTrial], specs: Sequence[str]) -> list[dict
                 "label_accuracy": statistics.fmean(labels) if labels else None,
                 "update_cosine": med([t.update_cosine for t in ok]),
                 "dp_epsilon": None if spec == NONE else dp_epsilon([as_defense(spec)]),
+                "accuracy": None if utility is None else utility.accuracy,
                 "seconds": med([t.seconds for t in ok]),
                 "declined": next((t.declined for t in group if t.declined), None),
             }
@@ -196,21 +266,28 @@ def markdown_table(config: Mapping[str, Any], rows: Sequence[dict[str, Any]]) ->
         f"{config['image_size']}x{config['image_size']}, batch {config['batch_size']}, "
         f"{config['protocol']['name']}; medians over client batches"
     )
+    steps = config.get("utility_steps") or 0
+    if steps:
+        head += f"; accuracy: held-out digits after {steps} defended FedSGD rounds of batch 32"
     lines = [
         head,
         "",
-        "| defense | PSNR dB | SSIM | label acc. | update cosine | epsilon (1 round) | runs |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| defense | PSNR dB | SSIM | label acc. | update cosine | epsilon (1 round) |"
+        + (" accuracy |" if steps else "")
+        + " runs |",
+        "| --- | --- | --- | --- | --- | --- |" + (" --- |" if steps else "") + " --- |",
     ]
     for r in rows:
         if r["answered"] == 0 and r["declined"]:
-            lines.append(f"| {r['defense']} | declined: {r['declined']} | | | | | {r['runs']} |")
+            blanks = "| " * (5 + (1 if steps else 0))
+            lines.append(f"| {r['defense']} | declined: {r['declined']} {blanks}| {r['runs']} |")
             continue
         eps = r["dp_epsilon"]
         lines.append(
             f"| {r['defense']} | {f(r['psnr'], '.1f')} | {f(r['ssim'], '.3f')} | {f(r['label_accuracy'], '.2f')} | "
-            f"{f(r['update_cosine'], '.3f')} | {'-' if eps is None else format(eps, '.2f')} | "
-            f"{r['answered']}/{r['runs']} |"
+            f"{f(r['update_cosine'], '.3f')} | {'-' if eps is None else format(eps, '.2f')} |"
+            + (f" {f(r['accuracy'], '.3f')} |" if steps else "")
+            + f" {r['answered']}/{r['runs']} |"
         )
     return "\n".join(lines) + "\n"
 
