@@ -279,11 +279,18 @@ def test_cli_attack_records_defenses_and_epsilon(tmp_path, capsys):
     assert m["dp_epsilon"] == pytest.approx(gaussian_epsilon(1.0, delta=1e-5))
 
 
-def test_cli_capture_applies_defenses(tmp_path, capsys):
+def test_cli_capture_applies_defenses_and_the_attack_reads_them_back(tmp_path, capsys):
     out = tmp_path / "cap"
-    assert main(["capture", *FAST[:-1], "--defense", "sign", "--out", str(out)]) == 0
+    setup = ["--batch-size", "4", "--clients", "2", "--local-steps", "2", "--defense", "prune:0.9"]
+    assert main(["capture", *FAST[:-1], *setup, "--out", str(out)]) == 0
     meta = json.loads((out / "capture.json").read_text())
-    assert meta["defenses"] == ["sign:scaled=True"]
+    assert meta["defenses"] == ["prune:fraction=0.9"] and meta["clients"] == 2
+    run = tmp_path / "run"
+    files = ["--weights", str(out / "weights.safetensors"), "--update", str(out / "update.safetensors")]
+    argv = ["attack", "invgrad", *FAST, "--batch-size", "4", *files, "--iterations", "2", "--out", str(run)]
+    assert main(argv) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["defenses"] == ["prune:fraction=0.9"] and m["clients"] == 2 and m["protocol"]["local_steps"] == 2
 
 
 @pytest.mark.parametrize(

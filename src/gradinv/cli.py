@@ -334,7 +334,11 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         clients=args.clients,
     ).observe()
     save_model(model, args.out / "weights.safetensors")
-    save_update(obs.update, args.out / "update.safetensors", metadata={"protocol": protocol.to_dict()})
+    save_update(
+        obs.update,
+        args.out / "update.safetensors",
+        metadata={"protocol": protocol.to_dict(), "defenses": list(obs.defenses), "clients": obs.clients},
+    )
     write_json_atomic(
         {
             "model": args.model,

@@ -195,9 +195,9 @@ def run_attack(
             if key in ATTACKS[attack].Settings.__dataclass_fields__:
                 overrides[key] = value
     attacker = build_attack(attack, **overrides)
-    if protocol is None and update is not None:
-        saved = update_metadata(update).get("protocol")
-        protocol = protocol_from_dict(saved) if isinstance(saved, dict) else None
+    saved_meta = update_metadata(update) if update is not None else {}
+    if protocol is None and isinstance(saved_meta.get("protocol"), dict):
+        protocol = protocol_from_dict(saved_meta["protocol"])
     protocol = protocol or FedSGD()
 
     client = setup_client(
@@ -242,7 +242,13 @@ def run_attack(
             normalization=norm,
         )
         observation = observation_from_files(
-            net, update_path=update, protocol=protocol, knowledge=knowledge, train_mode=train_mode
+            net,
+            update_path=update,
+            protocol=protocol,
+            knowledge=knowledge,
+            train_mode=train_mode,
+            defenses=tuple(str(d) for d in saved_meta.get("defenses", ())),
+            clients=int(saved_meta.get("clients", 1)),
         )
 
     rec = attacker.reconstruct(observation, seed=seed, progress=progress, callback=callback)
@@ -262,9 +268,9 @@ def run_attack(
         "known_labels": known_labels,
         "train_mode": train_mode,
         "server": server,
-        "defenses": [d.spec() for d in defenses],
-        "clients": clients,
-        "dp_epsilon": dp_epsilon(defenses),
+        "defenses": list(observation.defenses),
+        "clients": observation.clients,
+        "dp_epsilon": dp_epsilon([as_defense(d) for d in observation.defenses]),
         "label_source": rec.settings.get("label_source"),
         "attack_settings": {k: v for k, v in rec.settings.items() if k != "label_source"},
         "psnr": None,

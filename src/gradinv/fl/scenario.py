@@ -194,11 +194,14 @@ def observation_from_files(
     protocol: Protocol | None = None,
     knowledge: Knowledge | None = None,
     train_mode: bool = False,
+    defenses: tuple[str, ...] = (),
+    clients: int = 1,
 ) -> Observation:
     """An observation from files a real server holds: a saved model and a captured update (safetensors).
 
     ``weights_path`` (optional) loads the parameters the model was sent with; ``update_path`` holds the
     client's update keyed by parameter name. Both are checked against the model's parameter names and shapes.
+    ``defenses`` (spec strings) and ``clients`` are the protocol's public facts the update was made under.
     """
     from gradinv.io import load_state_into, load_update
 
@@ -215,4 +218,6 @@ def observation_from_files(
         protocol=protocol or FedSGD(),
         knowledge=knowledge or Knowledge(),
         train_mode=train_mode,
+        defenses=tuple(defenses),
+        clients=clients,
     )
