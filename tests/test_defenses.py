@@ -121,15 +121,7 @@ def test_dpsgd_matches_a_naive_per_sample_loop(digits32):
     """Oracle: with zero noise, DP-SGD's update is the mean of per-sample gradients each clipped to C."""
     sc = _scenario(digits32, batch_size=5, defenses=("dpsgd:noise_multiplier=0,clip=0.05",))
     obs = sc.observe()
-    model = sc.model
-    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for x, y in zip(sc.inputs, sc.labels, strict=True):
-        model.zero_grad()
-        nn.functional.cross_entropy(model(x.unsqueeze(0)), y.unsqueeze(0)).backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-        total = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
-        for n, g in grads.items():
-            expected[n] += g * min(1.0, 0.05 / total) / 5
+    expected = _clipped_mean_gradient(sc.model, sc.inputs, sc.labels, 0.05)
     for n in expected:
         assert torch.allclose(obs.update[n], expected[n], atol=1e-6)
     noisy = _scenario(digits32, batch_size=5, defenses=("dpsgd:noise_multiplier=2,clip=0.05",)).observe()
@@ -137,10 +129,38 @@ def test_dpsgd_matches_a_naive_per_sample_loop(digits32):
     assert float(diff.std()) == pytest.approx(2 * 0.05 / 5, rel=0.05)
 
 
-def test_dpsgd_refuses_fedavg(digits32):
-    sc = _scenario(digits32, defenses=("dpsgd",), protocol=gradinv.FedAvg(local_steps=2))
-    with pytest.raises(ConfigError, match="FedSGD"):
-        sc.observe()
+def _clipped_mean_gradient(model, xs, ys, clip):
+    total = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for x, y in zip(xs, ys, strict=True):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x.unsqueeze(0)), y.unsqueeze(0)).backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        norm_ = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
+        for n, g in grads.items():
+            total[n] += g * min(1.0, clip / norm_) / len(xs)
+    return total
+
+
+def test_dpsgd_under_fedavg_takes_private_local_steps(digits32):
+    """Oracle: with zero noise, DP-FedAvg's delta is K local SGD steps on clipped per-sample gradients."""
+    import copy
+
+    protocol = gradinv.FedAvg(local_steps=3, lr=0.5, local_batch_size=2)
+    sc = _scenario(digits32, batch_size=4, protocol=protocol, defenses=("dpsgd:noise_multiplier=0,clip=0.05",))
+    obs = sc.observe()
+    model = copy.deepcopy(sc.model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step in range(3):
+        idx = torch.arange(step * 2, step * 2 + 2) % 4
+        g = _clipped_mean_gradient(model, sc.inputs[idx], sc.labels[idx], 0.05)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p -= 0.5 * g[n]
+    for n, p in model.named_parameters():
+        assert torch.allclose(obs.update[n], p.detach() - start[n], atol=1e-6)
+    # each sample is in ceil(3 * 2 / 4) = 2 of the 3 local steps: two Gaussian mechanisms compose
+    eps = dp_epsilon([build_defense("dpsgd", noise_multiplier=1.0)], protocol=protocol, num_samples=4)
+    assert eps == pytest.approx(gaussian_epsilon(1.0, delta=1e-5, rounds=2))
 
 
 def test_gaussian_epsilon_solves_the_privacy_curve_and_composes():

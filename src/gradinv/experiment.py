@@ -270,7 +270,11 @@ def run_attack(
         "server": server,
         "defenses": list(observation.defenses),
         "clients": observation.clients,
-        "dp_epsilon": dp_epsilon([as_defense(d) for d in observation.defenses]),
+        "dp_epsilon": dp_epsilon(
+            [as_defense(d) for d in observation.defenses],
+            protocol=protocol,
+            num_samples=batch_size // observation.clients,  # the smallest share: its samples take the most steps
+        ),
         "label_source": rec.settings.get("label_source"),
         "attack_settings": {k: v for k, v in rec.settings.items() if k != "label_source"},
         "psnr": None,

@@ -22,19 +22,24 @@ from gradinv.defenses.base import (
     register_defense,
 )
 from gradinv.defenses.functional import gaussian_epsilon
-from gradinv.defenses.update import DPSGD
+from gradinv.defenses.update import DPSGD, local_uses
+from gradinv.fl.protocols import Protocol
 
 
-def dp_epsilon(defenses: Sequence[Defense]) -> float | None:
-    """The sample-level epsilon of one round under the DP-SGD defenses among ``defenses`` (composed, at the
-    smallest of their deltas), or None when there is none."""
+def dp_epsilon(
+    defenses: Sequence[Defense], *, protocol: Protocol | None = None, num_samples: int | None = None
+) -> float | None:
+    """The sample-level epsilon of one round under the DP-SGD defenses among ``defenses`` (composed over the
+    local steps a sample takes part in, at the smallest of their deltas), or None when there is none.
+    ``num_samples``: the client's batch size (needed for FedAvg with a local batch size)."""
     dp = [d for d in defenses if isinstance(d, DPSGD)]
     if not dp:
         return None
     if any(d.settings.noise_multiplier == 0 for d in dp):
         return math.inf
+    uses = 1 if protocol is None else local_uses(protocol, num_samples or protocol.local_batch_size or 1)
     sigma = sum(d.settings.noise_multiplier**-2 for d in dp) ** -0.5
-    return gaussian_epsilon(sigma, delta=min(d.settings.delta for d in dp))
+    return gaussian_epsilon(sigma, delta=min(d.settings.delta for d in dp), rounds=uses)
 
 
 __all__ = [

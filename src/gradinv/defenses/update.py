@@ -14,7 +14,7 @@ from torch.func import functional_call, grad, vmap
 from gradinv.defenses import functional as D
 from gradinv.defenses.base import ClientState, UpdateDefense, check_setting, register_defense
 from gradinv.errors import ConfigError
-from gradinv.fl.protocols import FedSGD
+from gradinv.fl.protocols import FedSGD, Protocol
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,22 @@ class DPSGDSettings:
         check_setting(0 < self.delta < 1, f"dpsgd delta must be in (0, 1), got {self.delta}")
 
 
+def local_uses(protocol: Protocol, num_samples: int) -> int:
+    """How many of the client's gradient steps the busiest sample takes part in (the steps a sample's privacy
+    loss composes over): 1 for FedSGD; for FedAvg's cycling local batches, ceil(K * b / n)."""
+    if isinstance(protocol, FedSGD):
+        return 1
+    b = min(protocol.local_batch_size or num_samples, num_samples)
+    return math.ceil(protocol.local_steps * b / num_samples)
+
+
 @register_defense
 class DPSGD(UpdateDefense):
-    """DP-SGD's step (Abadi et al. 2016) as the client's FedSGD update: each sample's gradient is clipped to
-    L2 norm C, the clipped gradients are summed, Gaussian noise of std sigma * C is added, and the sum is
-    divided by the batch size. One round is an (epsilon, delta)-DP Gaussian mechanism (:meth:`epsilon`)."""
+    """DP-SGD (Abadi et al. 2016) as the client's training: in each gradient step every sample's gradient is
+    clipped to L2 norm C, the clipped gradients are summed, Gaussian noise of std sigma * C is added and the
+    sum is divided by the batch size. Under FedSGD that step is the update; under FedAvg the client takes its
+    K local steps this way (DP-FedAvg with local DP-SGD) and shares the weight delta. Each step is a Gaussian
+    mechanism; :meth:`epsilon` composes those a sample takes part in."""
 
     name = "dpsgd"
     summary = "DP-SGD: per-sample clipping + Gaussian noise, with its (epsilon, delta) (Abadi et al. 2016)"
@@ -80,28 +91,24 @@ class DPSGD(UpdateDefense):
     primary = "noise_multiplier"
 
     def epsilon(self, *, rounds: int = 1) -> float:
-        """The epsilon at ``delta`` of ``rounds`` such updates of the same batch (no subsampling)."""
+        """The epsilon at ``delta`` of ``rounds`` noisy steps over the same sample (no subsampling)."""
         if self.settings.noise_multiplier == 0:
             return math.inf
         return D.gaussian_epsilon(self.settings.noise_multiplier, delta=self.settings.delta, rounds=rounds)
 
-    def transform(
-        self, update: Mapping[str, Tensor], *, client: ClientState, generator: torch.Generator
+    def private_gradient(
+        self, client: ClientState, params: Mapping[str, Tensor], x: Tensor, y: Tensor, generator: torch.Generator
     ) -> dict[str, Tensor]:
+        """One DP-SGD gradient of the batch ``(x, y)`` at ``params``: clipped per-sample gradients, summed,
+        noised and averaged."""
         s = self.settings
-        if not isinstance(client.protocol, FedSGD):
-            raise ConfigError("dpsgd clips per-sample gradients of one FedSGD step; for FedAvg use 'noise' with 'clip'")
-        if client.train_mode:
-            raise ConfigError("dpsgd needs per-sample gradients, which train-mode BatchNorm does not have")
-        batch = client.batch
-        targets = batch.targets
 
-        def sample_loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-            out = functional_call(client.model, (p, dict(client.buffers)), (x.unsqueeze(0),))
-            return client.loss_fn(out, y.unsqueeze(0))
+        def sample_loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+            out = functional_call(client.model, (p, dict(client.buffers)), (xi.unsqueeze(0),))
+            return client.loss_fn(out, yi.unsqueeze(0))
 
         try:
-            per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(dict(client.params), batch.inputs, targets)
+            per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(dict(params), x, y)
         except RuntimeError as exc:
             if "random" not in str(exc).lower():
                 raise
@@ -110,14 +117,30 @@ class DPSGD(UpdateDefense):
             ) from None
         norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in per_sample.values()))
         factor = (s.clip / (norms + 1e-12)).clamp(max=1.0)
-        b = batch.inputs.shape[0]
         out = {}
-        for k in update:
-            g = per_sample[k]
+        for k, g in per_sample.items():
             summed = (g * factor.view((-1,) + (1,) * (g.ndim - 1))).sum(dim=0)
-            noise = D.add_noise({k: summed}, std=s.noise_multiplier * s.clip, generator=generator)[k]
-            out[k] = noise / b
+            noisy = D.add_noise({k: summed}, std=s.noise_multiplier * s.clip, generator=generator)[k]
+            out[k] = noisy / x.shape[0]
         return out
+
+    def transform(
+        self, update: Mapping[str, Tensor], *, client: ClientState, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        if client.train_mode:
+            raise ConfigError("dpsgd needs per-sample gradients, which train-mode BatchNorm does not have")
+        x, y, protocol = client.batch.inputs, client.batch.targets, client.protocol
+        params = {k: client.params[k] for k in update}
+        if isinstance(protocol, FedSGD):
+            return self.private_gradient(client, params, x, y, generator)
+        n = x.shape[0]
+        b = protocol.local_batch_size or n
+        current = dict(params)
+        for step in range(protocol.local_steps):  # the same local batches as the protocol's own loop
+            idx = torch.arange(step * b, step * b + b) % n
+            g = self.private_gradient(client, current, x[idx], y[idx], generator)
+            current = {k: current[k] - protocol.lr * g[k] for k in current}
+        return {k: current[k] - params[k] for k in current}
 
 
 @dataclass(frozen=True)
