@@ -3,6 +3,7 @@
 ``Scenario -> observe() -> Observation -> Attack.reconstruct() -> Reconstruction -> score_images()``
 """
 
+from gradinv import analysis, defense_bench, defenses
 from gradinv.attacks import ATTACKS, Attack, build_attack
 from gradinv.attacks.labels import LABEL_METHODS, recover_labels
 from gradinv.data import ImageDataset, Normalization, load_dataset, sample_batch
@@ -16,6 +17,9 @@ from gradinv.types import GroundTruth, Knowledge, Observation, Reconstruction, T
 __version__ = "0.1.0"
 
 __all__ = [
+    "analysis",
+    "defense_bench",
+    "defenses",
     "ATTACKS",
     "DEFENSES",
     "LABEL_METHODS",
