@@ -69,6 +69,9 @@ def test_bad_specs_raise_config_errors(spec):
 def test_defenses_must_act_data_first(digits32):
     with pytest.raises(ConfigError, match="data, then model, then update"):
         _scenario(digits32, defenses=("noise:0.1", "mixup"))
+    with pytest.raises(ConfigError, match="first update defense"):
+        _scenario(digits32, defenses=("prune:0.5", "dpsgd"))
+    _scenario(digits32, defenses=("dpsgd", "prune:0.5")).observe()  # DP-SGD's update, then pruned
 
 
 # -- update defenses: their maths ------------------------------------------------------------------------------

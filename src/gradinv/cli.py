@@ -287,6 +287,10 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     )
     m = result.metrics
     line = f"{m['attack']} on {m['model']}: {m['seconds']:.1f} s"
+    if m["defenses"]:
+        line = f"{m['attack']} on {m['model']} defended by {', '.join(d.split(':')[0] for d in m['defenses'])}"
+        line += f" (epsilon {m['dp_epsilon']:.2f})" if m["dp_epsilon"] is not None else ""
+        line += f": {m['seconds']:.1f} s"
     if m["psnr"] is not None:
         line += f", PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}"
     if m["label_accuracy"] is not None:

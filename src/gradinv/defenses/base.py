@@ -70,6 +70,9 @@ class Defense(Configurable, ABC):
     stage: ClassVar[Stage]
     Settings: ClassVar[type]
     primary: ClassVar[str | None] = None
+    #: an update defense that recomputes the client's training (DP-SGD) instead of transforming its update:
+    #: it must come before every other update defense
+    retrains: ClassVar[bool] = False
 
     def spec(self) -> str:
         """This defense as a spec string that :func:`parse_defense` turns back into it."""

@@ -89,6 +89,7 @@ class DPSGD(UpdateDefense):
     summary = "DP-SGD: per-sample clipping + Gaussian noise, with its (epsilon, delta) (Abadi et al. 2016)"
     Settings = DPSGDSettings
     primary = "noise_multiplier"
+    retrains = True
 
     def epsilon(self, *, rounds: int = 1) -> float:
         """The epsilon at ``delta`` of ``rounds`` noisy steps over the same sample (no subsampling)."""

@@ -63,6 +63,12 @@ class Scenario:
                 f"defenses act in order, data, then model, then update: got {[d.name for d in defenses]}; "
                 "put the data defenses (mixup, instahide, pixelate) first and the update defenses last"
             )
+        updates = [d for d in defenses if d.stage == "update"]
+        if any(d.retrains for d in updates[1:]):
+            raise ConfigError(
+                f"{next(d.name for d in updates[1:] if d.retrains)} recomputes the client's training, so it must be "
+                f"the first update defense: got {[d.name for d in updates]}"
+            )
         object.__setattr__(self, "defenses", defenses)
         if self.inputs.ndim < 2:
             raise ShapeError(f"inputs must be a batch (B, ...), got shape {tuple(self.inputs.shape)}")
