@@ -461,3 +461,12 @@ def test_bench_defenses_reports_accuracy_with_utility_steps(tmp_path):
     rows = {r["defense"]: r for r in result["summary"]}
     assert rows["none"]["accuracy"] > rows["noise:std=1.0,clip=None,distribution=gaussian"]["accuracy"]
     assert "accuracy" in markdown_table(result["config"], result["summary"])
+
+
+def test_cli_lists_defenses_and_labels_take_them(tmp_path, capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in DEFENSES)
+    argv = ["labels", "ilrg", "--model", "mlp", "--data", "digits", "--batch-size", "8", "--trials", "2", "--quiet"]
+    assert main([*argv, "--defense", "noise:1e-3", "--clients", "2"]) == 0
+    assert "ilrg on mlp" in capsys.readouterr().out
