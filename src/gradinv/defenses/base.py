@@ -73,6 +73,9 @@ class Defense(Configurable, ABC):
     #: an update defense that recomputes the client's training (DP-SGD) instead of transforming its update:
     #: it must come before every other update defense
     retrains: ClassVar[bool] = False
+    #: an update defense that zeroes entries of the update: the server sees which, so an adaptive attack
+    #: matches only the entries that were sent
+    sparsifies: ClassVar[bool] = False
 
     def spec(self) -> str:
         """This defense as a spec string that :func:`parse_defense` turns back into it."""

@@ -41,6 +41,7 @@ class Soteria(UpdateDefense):
     summary = "zero the representation layer's most revealing gradient columns (Sun et al. 2021)"
     Settings = SoteriaSettings
     primary = "fraction"
+    sparsifies = True
     __doc__ = __doc__
 
     def _layer(self, model: nn.Module) -> str:

@@ -163,6 +163,7 @@ class Prune(UpdateDefense):
     summary = "zero the smallest-magnitude fraction of each update tensor (Zhu et al. 2019)"
     Settings = PruneSettings
     primary = "fraction"
+    sparsifies = True
 
     def transform(
         self, update: Mapping[str, Tensor], *, client: ClientState, generator: torch.Generator

@@ -33,7 +33,8 @@ class Scenario:
     an honest-but-curious server sees, :meth:`ground_truth` the private batch for scoring.
 
     ``defenses`` (instances or spec strings such as ``"prune:0.9"``, see :mod:`gradinv.defenses`) act in
-    order: data defenses on the batch before training, then update defenses on what is shared; ``seed`` fixes
+    order: data defenses on the batch before training, model defenses on the client's computation, then update
+    defenses on what is shared; ``seed`` fixes
     their randomness (noise, mixing partners, keys). ``clients > 1`` shares the batch among that many clients
     (contiguous, near-equal parts), each training and defending on its own, and the server sees only the
     sample-weighted mean of their updates (secure aggregation or homomorphic encryption of the sum).
