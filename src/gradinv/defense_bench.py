@@ -25,6 +25,7 @@ from gradinv.attacks import ATTACKS, build_attack
 from gradinv.data import load_dataset, sample_batch
 from gradinv.data.dataset import ImageDataset
 from gradinv.defenses import as_defense, dp_epsilon
+from gradinv.defenses.functional import global_norm
 from gradinv.errors import ConfigError, GradinvError
 from gradinv.experiment import prepare_model
 from gradinv.fl import FedSGD, Scenario
@@ -56,9 +57,7 @@ class DefenseTrial:
 def update_cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     """Cosine similarity of two updates taken as one vector each."""
     dot = sum(float((a[k].double() * b[k].double()).sum()) for k in a)
-    na = sum(float(a[k].double().pow(2).sum()) for k in a) ** 0.5
-    nb = sum(float(b[k].double().pow(2).sum()) for k in b) ** 0.5
-    return dot / max(na * nb, 1e-300)
+    return dot / max(float(global_norm(a) * global_norm(b)), 1e-300)
 
 
 def defended_accuracy(
