@@ -470,3 +470,20 @@ def test_cli_lists_defenses_and_labels_take_them(tmp_path, capsys):
     argv = ["labels", "ilrg", "--model", "mlp", "--data", "digits", "--batch-size", "8", "--trials", "2", "--quiet"]
     assert main([*argv, "--defense", "noise:1e-3", "--clients", "2"]) == 0
     assert "ilrg on mlp" in capsys.readouterr().out
+
+
+def test_cli_refuses_bad_aggregation_metadata_in_an_update_file(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from gradinv.io import save_update
+
+    out = tmp_path / "cap"
+    assert main(["capture", *FAST[:-1], "--out", str(out)]) == 0
+    update = load_file(str(out / "update.safetensors"))
+    for meta in ({"clients": "two"}, {"defenses": ["nope"]}, {"defenses": "prune"}):
+        bad = tmp_path / "bad.safetensors"
+        save_update(update, bad, metadata={"protocol": {"name": "fedsgd"}, **meta})
+        run = tmp_path / "run"
+        code = main(["attack", "analytic", *FAST, "--update", str(bad), "--out", str(run)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and not run.exists()

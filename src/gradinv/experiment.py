@@ -18,7 +18,7 @@ from gradinv.attacks import ATTACKS, build_attack
 from gradinv.data import load_dataset, sample_batch
 from gradinv.data.dataset import ImageDataset, Normalization
 from gradinv.defenses import Defense, as_defense, dp_epsilon
-from gradinv.errors import ConfigError
+from gradinv.errors import ConfigError, UpdateFileError
 from gradinv.fl import FedSGD, Scenario, observation_from_files
 from gradinv.fl.protocols import Protocol, protocol_from_dict
 from gradinv.io import load_state_into, update_metadata, write_json_atomic
@@ -247,8 +247,8 @@ def run_attack(
             protocol=protocol,
             knowledge=knowledge,
             train_mode=train_mode,
-            defenses=tuple(str(d) for d in saved_meta.get("defenses", ())),
-            clients=int(saved_meta.get("clients", 1)),
+            defenses=_saved_defenses(saved_meta, update),
+            clients=_saved_clients(saved_meta, update),
         )
 
     rec = attacker.reconstruct(observation, seed=seed, progress=progress, callback=callback)
@@ -331,6 +331,22 @@ def run_attack(
 
 
 PUBLIC_SAMPLES = 512  # a malicious server's public data: images of the same source outside the client's batch
+
+
+def _saved_defenses(meta: Mapping[str, Any], path: str | Path) -> tuple[str, ...]:
+    """The defense specs an update file's metadata names (each checked by parsing it)."""
+    specs = meta.get("defenses", [])
+    if not isinstance(specs, list) or not all(isinstance(d, str) for d in specs):
+        raise UpdateFileError(f"{path}: its 'defenses' metadata must be a list of defense specs, got {specs!r}")
+    return tuple(as_defense(d).spec() for d in specs)
+
+
+def _saved_clients(meta: Mapping[str, Any], path: str | Path) -> int:
+    """The client count an update file's metadata names (1 when it names none)."""
+    clients = meta.get("clients", 1)
+    if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
+        raise UpdateFileError(f"{path}: its 'clients' metadata must be a positive integer, got {clients!r}")
+    return clients
 
 
 def _server(spec: str, dataset: ImageDataset, batch: Tensor, image_size: int):
