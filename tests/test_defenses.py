@@ -487,3 +487,12 @@ def test_cli_refuses_bad_aggregation_metadata_in_an_update_file(tmp_path, capsys
         code = main(["attack", "analytic", *FAST, "--update", str(bad), "--out", str(run)])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and not run.exists()
+
+
+def test_dpsgd_in_train_mode_refuses_batchnorm_only(digits32):
+    spec = ("dpsgd:noise_multiplier=0.5,clip=1",)
+    eval_mode = _scenario(digits32, batch_size=3, defenses=spec).observe()
+    train_mode = _scenario(digits32, batch_size=3, defenses=spec, train_mode=True).observe()  # MLP: no BatchNorm
+    assert all(torch.allclose(eval_mode.update[k], train_mode.update[k]) for k in eval_mode.update)
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        _scenario(digits32, model="convnet", batch_size=3, defenses=spec, train_mode=True).observe()

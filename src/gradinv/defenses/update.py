@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from gradinv.defenses import functional as D
@@ -128,7 +128,7 @@ class DPSGD(UpdateDefense):
     def transform(
         self, update: Mapping[str, Tensor], *, client: ClientState, generator: torch.Generator
     ) -> dict[str, Tensor]:
-        if client.train_mode:
+        if client.train_mode and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in client.model.modules()):
             raise ConfigError("dpsgd needs per-sample gradients, which train-mode BatchNorm does not have")
         x, y, protocol = client.batch.inputs, client.batch.targets, client.protocol
         params = {k: client.params[k] for k in update}
