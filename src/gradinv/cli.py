@@ -157,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--trials", type=_positive, default=10, help="batches to try, seeds seed.. (default 10)")
     lab.add_argument("--quiet", action="store_true", help="no per-trial lines")
 
+    au = sub.add_parser("audit", help="does this client configuration leak? every applicable attack, strongest named")
+    _add_run_options(au, model="convnet", data="photos")
+    au.add_argument(
+        "--attacks", type=_names, default=["analytic", "rgap", "invgrad"], help="default analytic,rgap,invgrad"
+    )
+    au.add_argument("--samples", type=_positive, default=2, help="client batches, seeds seed.. (default 2)")
+    au.add_argument("--iterations", type=_positive, help="iterations of the iterative attacks (default: the paper's)")
+    au.add_argument("--quiet", action="store_true", help="no progress bar")
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     bl = bench_sub.add_parser("labels", help="every label method x model x batch size: CSV, table and plot")
@@ -404,6 +413,45 @@ def _cmd_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from gradinv.attacks import ATTACKS
+    from gradinv.audit import audit, markdown
+
+    data = _client_data(args, "audit")
+    settings = {}
+    if args.iterations is not None:
+        settings = {
+            a: {"iterations": args.iterations}
+            for a in args.attacks
+            if a in ATTACKS and "iterations" in ATTACKS[a].Settings.__dataclass_fields__
+        }
+    result = audit(
+        attacks=args.attacks,
+        samples=args.samples,
+        seed=args.seed,
+        attack_settings=settings,
+        out=args.out,
+        progress=not args.quiet,
+        model=args.model,
+        model_options=dict(args.model_options),
+        data=data,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        trained_steps=args.trained_steps,
+        train_data=args.train_data,
+        weights=args.weights,
+        num_classes=args.num_classes,
+        protocol=_protocol(args),
+        train_mode=args.train_mode,
+        defenses=args.defenses,
+        clients=args.clients,
+    )
+    print(markdown(result), end="")
+    if args.out is not None:
+        print(f"-> {args.out}/audit.md, audit.json, strongest/")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     return _bench_defenses(args) if args.bench == "defenses" else _bench_labels(args)
 
@@ -547,6 +595,7 @@ COMMANDS = {
     "attack": _cmd_attack,
     "capture": _cmd_capture,
     "labels": _cmd_labels,
+    "audit": _cmd_audit,
     "bench": _cmd_bench,
     "analyze": _cmd_analyze,
     "list": _cmd_list,
