@@ -272,27 +272,15 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     _check_out(args.out)
     result = run_attack(
         args.name,
-        model=args.model,
         data=_data(args),
-        image_size=args.image_size,
-        batch_size=args.batch_size,
         seed=args.seed,
-        iterations=args.iterations,
         restarts=args.restarts,
-        trained_steps=args.trained_steps,
-        train_data=args.train_data,
-        weights=args.weights,
         update=args.update,
-        num_classes=args.num_classes,
         known_labels=args.known_labels,
-        protocol=_protocol(args),
-        train_mode=args.train_mode,
         server=args.server,
-        model_options=dict(args.model_options),
         attack_settings=dict(args.attack_options),
-        defenses=args.defenses,
-        clients=args.clients,
         progress=not args.quiet,
+        **_client_options(args),
     )
     m = result.metrics
     line = f"{m['attack']} on {m['model']}: {m['seconds']:.1f} s"
@@ -414,42 +402,42 @@ def _cmd_labels(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from gradinv.attacks import ATTACKS
     from gradinv.audit import audit, markdown
 
     data = _client_data(args, "audit")
-    settings = {}
-    if args.iterations is not None:
-        settings = {
-            a: {"iterations": args.iterations}
-            for a in args.attacks
-            if a in ATTACKS and "iterations" in ATTACKS[a].Settings.__dataclass_fields__
-        }
     result = audit(
         attacks=args.attacks,
         samples=args.samples,
         seed=args.seed,
-        attack_settings=settings,
         out=args.out,
         progress=not args.quiet,
-        model=args.model,
-        model_options=dict(args.model_options),
         data=data,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        trained_steps=args.trained_steps,
-        train_data=args.train_data,
-        weights=args.weights,
-        num_classes=args.num_classes,
-        protocol=_protocol(args),
-        train_mode=args.train_mode,
-        defenses=args.defenses,
-        clients=args.clients,
+        **_client_options(args),
     )
     print(markdown(result), end="")
     if args.out is not None:
         print(f"-> {args.out}/audit.md, audit.json, strongest/")
     return 0
+
+
+def _client_options(args: argparse.Namespace) -> dict:
+    """The run options that describe the client (``_add_run_options``) and the attack's budget, as
+    :func:`gradinv.experiment.run_attack` takes them."""
+    return {
+        "model": args.model,
+        "model_options": dict(args.model_options),
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "iterations": args.iterations,
+        "trained_steps": args.trained_steps,
+        "train_data": args.train_data,
+        "weights": args.weights,
+        "num_classes": args.num_classes,
+        "protocol": _protocol(args),
+        "train_mode": args.train_mode,
+        "defenses": args.defenses,
+        "clients": args.clients,
+    }
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
