@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint format bench clean
+.PHONY: setup demo test test-slow lint format bench clean test-browser
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,17 +30,28 @@ test: lint
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# Several hours on 2 CPU cores; results land in bench/results/.
+# About 5 hours on 2 CPU cores (bench/README.md: each benchmark's time); results land in bench/results/. Each
+# benchmark pins torch to BENCH_THREADS threads and records it; the grid benchmarks continue an interrupted run.
+BENCH_THREADS ?= 2
 bench: $(STAMP)
-	$(PY) bench/restarts.py
-	$(PY) bench/time_to_psnr.py
-	$(PY) bench/invgrad_quality.py
-	$(PY) bench/labels.py
-	$(PY) bench/labels_in_attacks.py
-	$(PY) bench/label_speed.py
-	$(PY) bench/recursive.py
-	$(PY) bench/imprint.py
-	$(PY) bench/copa.py
+	$(PY) bench/restarts.py --threads $(BENCH_THREADS)
+	$(PY) bench/time_to_psnr.py --threads $(BENCH_THREADS)
+	$(PY) bench/label_speed.py --threads $(BENCH_THREADS)
+	$(PY) bench/imprint.py --threads $(BENCH_THREADS)
+	$(PY) bench/invgrad_quality.py --models convnet:0 --name invgrad_quality_convnet --threads $(BENCH_THREADS)
+	$(PY) bench/invgrad_quality.py --models resnet18:300 --name invgrad_quality_resnet18 --threads $(BENCH_THREADS)
+	$(PY) bench/label_defenses.py --resume --threads $(BENCH_THREADS)
+	$(PY) bench/labels.py --resume --threads $(BENCH_THREADS)
+	$(PY) bench/labels_in_attacks.py --resume --threads $(BENCH_THREADS)
+	$(PY) bench/recursive.py --resume --threads $(BENCH_THREADS)
+	$(PY) bench/copa.py --resume --threads $(BENCH_THREADS)
+	$(PY) bench/defenses.py --resume --threads $(BENCH_THREADS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+# Renders the grid report in headless Chromium (installed here with apt-get when missing; needs root).
+test-browser: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		(apt-get update && apt-get install -y chromium)
+	$(PY) -m pytest -q -m browser

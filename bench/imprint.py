@@ -9,19 +9,20 @@
 
 Digits at 32x32x3 (the bundled photos are only 9 images), FedSGD, median over seeds 0, 1, 2 (batch, model
 and server all change with the seed). Also the issue's acceptance line (batch 64, 128 bins, at least half
-above 40 dB) over ``--acceptance-seeds`` seeds. Writes bench/results/imprint.{json,md}.
-Usage: python bench/imprint.py [--model mlp] [--seeds 3] [--acceptance-seeds 50]
+above 40 dB) over ``--acceptance-seeds`` seeds. Writes OUT/imprint.{json,md} (default OUT: bench/results).
+Not a grid: the server's public data is a fixed split of 600 digits, the clients' batches come from the rest,
+and one row gives the server none; a grid's malicious server takes its public images from outside each batch.
+Usage: python bench/imprint.py [--model mlp] [--seeds 3] [--acceptance-seeds 50] [--threads 2]
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
-from _common import write_results
+from _common import parser, setup, write_results
 from gradinv.attacks import build_attack
 from gradinv.attacks.imprint import score_recovered
 from gradinv.data import ImageDataset, load_dataset, sample_batch
@@ -52,11 +53,16 @@ def _fraction(ds, private, model, server, attack: str, *, batch: int, seed: int)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="mlp", help="model behind the imprint block (Robbing the Fed)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--acceptance-seeds", type=int, default=50)
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--model", default="mlp", help="model behind the imprint block (Robbing the Fed)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--acceptance-seeds", type=int, default=50)
+    args = p.parse_args()
+    run = setup(args)  # threads pinned before anything is built or timed
+    batches, bin_counts, row_counts = BATCHES, BINS, ROWS
+    if args.quick:
+        batches, bin_counts, row_counts = (16,), (64,), (64,)
+        args.seeds, args.acceptance_seeds = 1, 1
     start = time.perf_counter()
     ds = load_dataset("digits", image_size=32, channels=3)
     public, private = _split(ds)
@@ -98,19 +104,19 @@ def main() -> None:
         )
 
     results: dict[str, list[dict]] = {"rtf": [], "trap": []}
-    for bins in BINS:
-        for batch in BATCHES:
+    for bins in bin_counts:
+        for batch in batches:
             med, values = rtf(batch, bins, True)
             expected = (1 - 1 / bins) ** (batch - 1)
             results["rtf"].append(
                 {"bins": bins, "batch": batch, "auxiliary": True, "median": med, "values": values, "ideal": expected}
             )
-    for batch in BATCHES:
+    for batch in batches:
         med, values = rtf(batch, 128, False)
         results["rtf"].append({"bins": 128, "batch": batch, "auxiliary": False, "median": med, "values": values})
     for calibrated in (True, False):
-        for rows in ROWS:
-            for batch in BATCHES:
+        for rows in row_counts:
+            for batch in batches:
                 med, values = trap(batch, rows, calibrated)
                 results["trap"].append(
                     {"rows": rows, "batch": batch, "calibrated": calibrated, "median": med, "values": values}
@@ -133,8 +139,8 @@ def main() -> None:
         (row,) = [r for r in rows if r["batch"] == batch]
         return f"{row['median']:.2f}"
 
-    header = "| " + " | ".join(str(b) for b in BATCHES) + " |"
-    rule = "| --- " * (len(BATCHES) + 1) + "|"
+    header = "| " + " | ".join(str(b) for b in batches) + " |"
+    rule = "| --- " * (len(batches) + 1) + "|"
     lines = [
         f"Fraction of the batch recovered above {THRESHOLD_DB:.0f} dB PSNR (each true image against its best "
         f"recovered image), digits 32x32x3, FedSGD, median over seeds {list(seeds)}.",
@@ -145,12 +151,12 @@ def main() -> None:
         "| bins \\ batch " + header,
         rule,
     ]
-    for bins in BINS:
+    for bins in bin_counts:
         rows = [r for r in results["rtf"] if r["bins"] == bins and r["auxiliary"]]
-        cells = [f"{cell(rows, b)} ({[r for r in rows if r['batch'] == b][0]['ideal']:.2f})" for b in BATCHES]
+        cells = [f"{cell(rows, b)} ({[r for r in rows if r['batch'] == b][0]['ideal']:.2f})" for b in batches]
         lines.append(f"| {bins} | " + " | ".join(cells) + " |")
     rows = [r for r in results["rtf"] if not r["auxiliary"]]
-    lines.append("| 128, no public data (N(0, 1) assumed) | " + " | ".join(cell(rows, b) for b in BATCHES) + " |")
+    lines.append("| 128, no public data (N(0, 1) assumed) | " + " | ".join(cell(rows, b) for b in batches) + " |")
     for calibrated in (True, False):
         how = (
             "rows calibrated on the public digits to fire for 1/B of the images"
@@ -164,9 +170,9 @@ def main() -> None:
             "| rows \\ batch " + header,
             rule,
         ]
-        for n in ROWS:
+        for n in row_counts:
             rows = [r for r in results["trap"] if r["rows"] == n and r["calibrated"] == calibrated]
-            lines.append(f"| {n} | " + " | ".join(cell(rows, b) for b in BATCHES) + " |")
+            lines.append(f"| {n} | " + " | ".join(cell(rows, b) for b in batches) + " |")
     passed = sum(f >= 0.5 for f in acceptance)
     lines += [
         "",
@@ -185,7 +191,7 @@ def main() -> None:
         "acceptance": {"batch": 64, "bins": 128, "fractions": acceptance, "passed": passed},
         "seconds": seconds,
     }
-    write_results("imprint", payload, "\n".join(lines))
+    write_results(args.out, "imprint", run, payload, "\n".join(lines))
 
 
 if __name__ == "__main__":

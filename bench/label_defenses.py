@@ -1,56 +1,51 @@
 """Do the defenses stop label leakage? Label-count accuracy of each method on defended updates.
 
-Untrained MLP (FCN-3) on the bundled digits, FedSGD, batch 24, 20 client batches per point; every method
-sees the same defended updates. Writes bench/results/label_defenses.{md,json}.
-Usage: python bench/label_defenses.py [--trials 20] [--batch-size 24]
+The grid bench/grids/label_defenses.yaml: an untrained MLP (FCN-3) on the bundled digits, FedSGD, batch 24,
+20 client batches per defense; every method sees the same defended updates. Runs it into OUT/label_defenses/
+(store, report.html, results.csv) and writes the table to OUT/label_defenses.{md,json} (default OUT:
+bench/results).
+Usage: python bench/label_defenses.py [--resume] [--threads 2] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
+from _common import load, parser, run_grids, setup, write_results
+from gradinv.defenses import as_defense
+from gradinv.experiments.labels import summarize
 
-from _common import write_results
-from gradinv.label_bench import prepare_case, run_trials, summarize
-
-METHODS = ["ilrg", "llg-star", "fedavg-count", "llg", "bias-sign"]
-DEFENSES = [
-    "none",
-    "noise:1e-3",
-    "noise:1e-2",
-    "noise:1e-1",
-    "prune:0.9",
-    "prune:0.99",
-    "sign",
-    "dpsgd:noise_multiplier=1,clip=1",
-    "soteria:0.6",
-    "mixup:2",
-    "instahide:4",
-    "dropout:0.5",
-]
+NAME = "label_defenses"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=24)
-    args = parser.parse_args()
-    table = {}
-    for spec in DEFENSES:
-        case = prepare_case(model="mlp", data="digits", defenses=() if spec == "none" else (spec,))
-        records = run_trials(case, METHODS, batch_size=args.batch_size, trials=args.trials)
-        table[spec] = {r["method"]: r for r in summarize(records)}
+    args = parser(__doc__, grid=True).parse_args()
+    run = setup(args)
+    records = run_grids(args, [NAME])
+    spec = load(NAME, quick=args.quick).spec
+    methods = [a.removeprefix("labels:") for a in spec["attacks"]]
+    # the grid's own spelling of each defense (records hold the full spec)
+    short = {as_defense(d[0]).spec(): d[0] for d in spec["defenses"] if d}
+
+    def label(r: dict) -> str:
+        return short.get(r["defenses"][0], r["defenses"][0]) if r["defenses"] else "none"
+
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(label(r), []).append(r)
+    table = {spec: {row["method"]: row for row in summarize(group)} for spec, group in groups.items()}
+    trials = len({r["seed"] for r in records})
+    (batch,) = {r["batch_size"] for r in records}
     lines = [
-        f"Label count accuracy (mean over {args.trials} batches; n/a: the method declined), untrained MLP, digits, "
-        f"FedSGD, batch {args.batch_size}",
+        f"Label count accuracy (mean over {trials} batches; n/a: the method declined), untrained MLP, digits, "
+        f"FedSGD, batch {batch}",
         "",
-        "| defense | " + " | ".join(METHODS) + " |",
-        "| --- |" + " --- |" * len(METHODS),
+        "| defense | " + " | ".join(methods) + " |",
+        "| --- |" + " --- |" * len(methods),
     ]
-    for spec, rows in table.items():
-        cells = [f"{rows[m]['count']:.3f}" if rows[m]["count"] is not None else "n/a" for m in METHODS]
-        lines.append(f"| {spec} | " + " | ".join(cells) + " |")
-    payload = {"trials": args.trials, "batch_size": args.batch_size, "table": table}
-    write_results("label_defenses", payload, "\n".join(lines))
+    for label, rows in table.items():
+        cells = [f"{rows[m]['count']:.3f}" if m in rows and rows[m]["count"] is not None else "n/a" for m in methods]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    payload = {"grid": f"bench/grids/{NAME}.yaml", "trials": trials, "batch_size": batch, "table": table}
+    write_results(args.out, NAME, run, payload, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -3,28 +3,29 @@
 Inverting Gradients on the width-64 ConvNet at 32x32, batch 1. Reports the median time per iteration for
 R restarts run as one batched computation and as R sequential runs, and their ratio. On a GPU (the default
 device when one is present) batch-1 work leaves the device idle, so batching should gain there; on a busy CPU
-it gains little.
-Usage: python bench/restarts.py [--iterations 10] [--repeats 3] [--device cuda] [--restarts 1,4,8,16]
+it gains little. Writes OUT/restarts.{md,json} (OUT/restarts_cuda.* on a GPU; default OUT: bench/results).
+Usage: python bench/restarts.py [--iterations 10] [--repeats 3] [--device cuda] [--restarts 1,4,8,16] [--threads 2]
 """
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from _common import median_seconds, photo_case, write_results
+from _common import median_seconds, parser, photo_case, setup, write_results
 from gradinv.attacks import build_attack
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--restarts", default="1,4,8", help="comma-separated restart counts")
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--restarts", default="1,4,8", help="comma-separated restart counts")
+    args = p.parse_args()
+    run = setup(args)  # threads pinned before anything is built or timed
+    if args.quick:
+        args.iterations, args.repeats, args.restarts = 2, 1, "1,2"
     counts = [int(r) for r in args.restarts.split(",")]
     dev = args.device
     _, scenario = photo_case(width=args.width, device=dev)
@@ -87,7 +88,7 @@ def main() -> None:
         "train_step_s": t_step,
     }
     suffix = "" if torch.device(dev).type == "cpu" else f"_{torch.device(dev).type}"
-    write_results(f"restarts{suffix}", payload, "\n".join(lines))
+    write_results(args.out, f"restarts{suffix}", run, payload, "\n".join(lines))
 
 
 if __name__ == "__main__":

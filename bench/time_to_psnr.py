@@ -5,16 +5,16 @@ by iDLG, the paper's settings with a 1,000-iteration schedule. The peer referenc
 class, quoted in the issue): about 0.13 s per iteration, about 21 dB on the cat photo after 1,000 iterations,
 so about 130 s. We stop as soon as the PSNR (checked every ``--check-every`` iterations against the truth,
 which the attack never sees) reaches the target. Median over ``--repeats`` runs with different seeds.
-Usage: python bench/time_to_psnr.py [--photos chelsea] [--target 21] [--repeats 3]
+Writes OUT/time_to_psnr.{md,json} (default OUT: bench/results).
+Usage: python bench/time_to_psnr.py [--photos chelsea] [--target 21] [--repeats 3] [--threads 2]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 
-from _common import photo_case, write_results
+from _common import parser, photo_case, setup, write_results
 from gradinv.attacks import build_attack
 from gradinv.metrics import psnr
 
@@ -46,13 +46,16 @@ def time_to_target(photo: str, *, target: float, budget: int, check_every: int, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--photos", default="chelsea")
-    parser.add_argument("--target", type=float, default=PEER_PSNR)
-    parser.add_argument("--budget", type=int, default=1000)
-    parser.add_argument("--check-every", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--photos", default="chelsea")
+    p.add_argument("--target", type=float, default=PEER_PSNR)
+    p.add_argument("--budget", type=int, default=1000)
+    p.add_argument("--check-every", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    run = setup(args)  # threads pinned before anything is built or timed
+    if args.quick:
+        args.budget, args.check_every, args.repeats = 4, 1, 1
     rows = []
     for photo in args.photos.split(","):
         runs = [
@@ -71,7 +74,8 @@ def main() -> None:
             }
         )
     lines = [
-        f"Inverting Gradients, ConvNet-64, 32x32, batch 1: time to {args.target} dB (median of {args.repeats} seeds)",
+        f"Inverting Gradients, ConvNet-64, 32x32, batch 1: time to {args.target} dB (median of {args.repeats} seeds, "
+        f"{run['threads']} threads)",
         "",
         "| photo | iterations | seconds | peer seconds (1,000 it. to ~21 dB) | ours / peer |",
         "| --- | --- | --- | --- | --- |",
@@ -81,7 +85,8 @@ def main() -> None:
             f"| {r['photo']} | {r['iterations']:.0f} | {r['seconds']:.1f} | {PEER_SECONDS:.0f} | "
             f"{r['fraction_of_peer']:.2f} |"
         )
-    write_results("time_to_psnr", {"target": args.target, "budget": args.budget, "rows": rows}, "\n".join(lines))
+    payload = {"target": args.target, "budget": args.budget, "rows": rows}
+    write_results(args.out, "time_to_psnr", run, payload, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -176,11 +176,11 @@ def test_known_labels_are_used(digits32):
     assert isinstance(sc.observe().knowledge, Knowledge)
 
 
-def test_run_attack_passes_attack_settings():
-    from gradinv.experiment import run_attack
+def test_run_cell_passes_attack_settings():
+    from gradinv.experiments import Case, Cell, run_cell
 
-    r = run_attack("invgrad", model="lenet", data="digits", iterations=2, attack_settings={"tv_weight": 0.5})
-    assert r.reconstruction.settings["tv_weight"] == 0.5 and r.metrics["iterations"] == 2
+    r = run_cell(Cell(Case(model="lenet", data="digits"), "invgrad", (("iterations", 2), ("tv_weight", 0.5))))
+    assert r.reconstruction.settings["tv_weight"] == 0.5 and r.record.to_dict()["iterations"] == 2
 
 
 def test_any_user_module_works_through_the_api(digits32):
@@ -191,3 +191,97 @@ def test_any_user_module_works_through_the_api(digits32):
     rec = build_attack("invgrad", iterations=20, log_every=5).reconstruct(sc.observe())
     assert rec.labels.tolist() == sc.labels.tolist()
     assert rec.trace[-1].cost < rec.trace[0].cost
+
+
+# -- declines as data, validation at construction, the restart budget ------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_applicable_accepts_the_papers_setting_and_lists_reasons_elsewhere(name, digits32, deficient_chain):
+    attack = build_attack(name)
+    assert attack.applicable(_case_for(name, digits32, deficient_chain).observe()) == []
+    # an honest LeNet, batch 2: no attack may raise here, each answers with a list
+    honest = _scenario(digits32, build_model("lenet", num_classes=10, seed=0), b=2).observe()
+    reasons = attack.applicable(honest)
+    assert isinstance(reasons, list) and all(isinstance(r, str) and r for r in reasons)
+    if name in ("rgap", "copa", "ppdl-spn", "analytic", "rtf", "trap-weights"):
+        assert reasons, name
+        with pytest.raises(AttackError) as err:
+            attack.reconstruct(honest)
+        assert all(r in str(err.value) for r in reasons)
+    blind = honest.with_knowledge(input_shape=None, num_samples=None)
+    if attack.requires:
+        assert "needs knowledge" in attack.applicable(blind)[0]
+
+
+def test_applicable_names_every_broken_assumption(digits32):
+    cnn6 = _scenario(digits32, build_model("cnn6", num_classes=10, seed=0), b=2, protocol=FedAvg()).observe()
+    reasons = build_attack("rgap").applicable(cnn6)
+    assert any("batch 1" in r for r in reasons) and any("FedSGD" in r for r in reasons), reasons
+    relu = _scenario(digits32, build_model("mlp", num_classes=10, seed=0)).observe()
+    assert any("not invertible" in r for r in build_attack("copa").applicable(relu))
+    lenet = _scenario(digits32, build_model("lenet", num_classes=10, seed=0)).observe()
+    assert any("fully connected" in r for r in build_attack("analytic").applicable(lenet))
+    no_bias = build_model("mlp", num_classes=10, seed=0)
+    no_bias.layers[0].bias = None
+    reasons = build_attack("analytic").applicable(_scenario(digits32, no_bias).observe())
+    assert any("no bias" in r for r in reasons), reasons
+    linear = build_model("mlp", num_classes=10, hidden=(), seed=0)
+    images, labels = sample_batch(digits32, batch_size=3, seed=0)
+    repeated = Scenario.from_images(
+        linear,
+        images,
+        torch.tensor([1, 1, 2]),
+        normalization=digits32.normalization,
+        threat=ThreatModel(known_labels=True),
+    ).observe()
+    assert any("distinct labels" in r for r in build_attack("analytic").applicable(repeated))
+    with pytest.raises(ConfigError, match="no such layer"):
+        build_attack("analytic", layer="nope").applicable(relu)
+
+
+def test_a_bad_setting_is_refused_at_construction_with_the_closest_choice():
+    with pytest.raises(ConfigError, match="rgapp") as err:
+        build_attack("copa", init="rgapp")
+    message = str(err.value)
+    assert "'zero', 'rgap'" in message and "did you mean 'rgap'" in message and "\n" not in message
+
+
+def test_every_bad_setting_is_named_in_one_error():
+    with pytest.raises(ConfigError) as err:
+        build_attack(
+            "invgrad", iterations=0, restarts=0, tv_weight=-1.0, objective="cosin", lr="fast", bogus=1, log_every=0
+        )
+    message = str(err.value)
+    for part in ("bogus", "iterations must be >= 1", "restarts must be >= 1", "tv_weight must be >= 0", "cosine"):
+        assert part in message, part
+    assert "lr must be float, got 'fast'" in message and "log_every" in message and "\n" not in message
+    with pytest.raises(ConfigError) as err:
+        build_attack("dlg", inner_iterations=0, line_search="wolfe", label_method="ilrgg", history_size=0)
+    for part in ("inner_iterations", "'strong_wolfe'", "did you mean 'ilrg'", "history_size"):
+        assert part in str(err.value), part
+    for name in ATTACKS:  # the defaults are valid for every attack
+        build_attack(name)
+    with pytest.raises(ConfigError, match="label_method"):
+        build_attack("rgap", label_method="yinn")
+
+
+def test_a_huge_restart_count_is_refused_before_any_allocation(digits32, monkeypatch):
+    obs = _scenario(digits32, build_model("lenet", num_classes=10, seed=0)).observe()
+    with pytest.raises(ConfigError) as err:
+        build_attack("invgrad", restarts=10**9, iterations=1).reconstruct(obs)  # ~10 TB of dummy inputs
+    message = str(err.value)
+    assert "restarts" in message and "\n" not in message
+    monkeypatch.setenv("GRADINV_MEMORY_LIMIT", "20MB")
+    with pytest.raises(ConfigError, match="1000 batched restarts.*restarts"):
+        build_attack("invgrad", restarts=1000, iterations=1).reconstruct(obs)
+    build_attack("invgrad", restarts=2, iterations=1).reconstruct(obs)  # a small count still runs under it
+
+
+def test_the_base_class_keeps_the_books(digits32):
+    sc = _scenario(digits32, build_model("mlp", num_classes=10, seed=0))
+    obs = sc.observe()
+    rec = build_attack("analytic").reconstruct(obs)
+    assert rec.attack == "analytic" and rec.seconds > 0 and rec.normalization is obs.knowledge.normalization
+    assert rec.settings["layer"] == "layers.0" and rec.settings["label_source"] == "idlg"
+    assert "layer_inputs" in rec.extras

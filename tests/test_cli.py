@@ -91,7 +91,8 @@ def test_same_seed_same_numbers(tmp_path, capsys):
         ]
         assert _run(argv, capsys)[0] == 0
         m = json.loads((d / "metrics.json").read_text())
-        m.pop("seconds")
+        for timing in ("seconds", "seconds_total"):
+            m.pop(timing)
         runs.append(m)
     assert runs[0] == runs[1]
 
@@ -250,3 +251,61 @@ def test_update_file_carries_its_protocol(tmp_path, capsys):
     assert _run(argv, capsys)[0] == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["protocol"]["name"] == "fedavg" and m["protocol"]["lr"] == 0.2
+
+
+def test_a_captured_update_replays_its_own_client(tmp_path, capsys):
+    """The file's recorded protocol, batch, image size and seed win; a flag that contradicts them is an error."""
+    cap = tmp_path / "cap"
+    setup = ["--batch-size", "2", "--seed", "3", "--local-steps", "3", "--local-lr", "0.05"]
+    assert _run(["capture", "--model", "mlp", "--data", "digits", *setup, "--out", str(cap)], capsys)[0] == 0
+    out = tmp_path / "a"
+    assert _run(_attack_files(cap, out, "--data", "digits"), capsys)[0] == 0  # no flags: the file's client
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["protocol"] == {"name": "fedavg", "local_steps": 3, "lr": 0.05, "local_batch_size": None}
+    assert m["batch_size"] == 2 and m["seed"] == 3
+    for flags, word in [
+        (["--local-steps", "3"], "protocol"),  # resets lr to 0.1: a different client
+        (["--local-steps", "1", "--local-lr", "0.05"], "protocol"),
+        (["--batch-size", "4"], "batch_size"),
+        (["--seed", "1"], "seeds"),
+    ]:
+        code, _, err = _run(_attack_files(cap, tmp_path / "x", "--data", "digits", *flags), capsys)
+        assert code == 2 and word in err and err.count("\n") == 1, (flags, err)
+    code, _, err = _run(["attack", "analytic", *FAST, "--local-lr", "0.05", "--out", str(tmp_path / "y")], capsys)
+    assert code == 2 and "--local-steps" in err
+    trained = tmp_path / "trained"  # a model trained before the round: the attack must be given its weights
+    assert _run(["capture", *FAST, "--trained-steps", "2", "--out", str(trained)], capsys)[0] == 0
+    files = ["--update", str(trained / "update.safetensors")]
+    code, _, err = _run(["attack", "analytic", *FAST, *files, "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "--weights" in err
+    assert (
+        _run(["attack", "analytic", *FAST, *files, "--weights", str(trained / "weights.safetensors")], capsys)[0] == 0
+    )
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_out_that_cannot_be_written_fails_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out in (str(blocker / "sub"), str(blocker)):
+        for argv in (["attack", "analytic"], ["capture"], ["labels", "ilrg"]):
+            code, _, err = _run([*argv, *FAST, "--out", out], capsys)
+            assert code == 2 and "--out" in err and err.count("\n") == 1, (argv, out, err)
+
+
+def test_a_partly_recovered_batch_prints_its_recovered_fraction(tmp_path, capsys):
+    argv = ["attack", "rtf", *FAST, "--batch-size", "16", "--server", "imprint:8", "--out", str(tmp_path / "r")]
+    code, out, _ = _run(argv, capsys)
+    assert code == 0 and "samples above 40 dB" in out
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert 0 < m["recovered_fraction_40db"] < 1
+
+
+def test_help_is_fast_and_version_prints(capsys):
+    code = subprocess.run(
+        [sys.executable, "-c", "import sys, gradinv.cli; print('torch' in sys.modules)"], capture_output=True, text=True
+    )
+    assert code.stdout.strip() == "False"  # --help and --version load no torch
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and "gradinv" in capsys.readouterr().out

@@ -127,7 +127,7 @@ def test_cli_copa_with_model_options(tmp_path, capsys):
     assert metrics["model_options"] == {"activation": "sigmoid"} and metrics["psnr"] >= 40
     assert metrics["attack_settings"]["smooth"] == 0.5 and metrics["attack_settings"]["init"] == "rgap"
     assert main(["attack", "copa", "--model", "cnn6", "--attack-option", "restarts=2"]) == 2
-    assert "copa has no setting(s) ['restarts']" in capsys.readouterr().err
+    assert "copa: no setting(s) ['restarts']" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # argparse's own usage error
         main(["attack", "copa", "--model", "cnn6", "--model-option", "width"])
     assert exc.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err

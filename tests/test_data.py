@@ -295,3 +295,51 @@ def test_sample_batch_errors() -> None:
         sample_batch(digits, batch_size=11, seed=0, distinct_labels=True)
     with pytest.raises(ConfigError):
         sample_batch(digits, batch_size=0, seed=0)
+
+
+# --- memory estimates -------------------------------------------------------------------------------------
+
+
+def _one_line(info: pytest.ExceptionInfo) -> str:
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_loading_that_would_not_fit_is_refused_before_allocating(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GRADINV_MEMORY_LIMIT", "100MB")
+    with pytest.raises(ConfigError) as info:  # 1,797 x (1 + 3) x 1024^2 x 4 bytes: about 30 GB
+        load_dataset("digits", image_size=1024, channels=3)
+    message = _one_line(info)
+    assert "digits" in message and "1024x1024" in message and "30.1 GB" in message
+    assert "GRADINV_MEMORY_LIMIT" in message and "--image-size" in message
+    with pytest.raises(ConfigError, match=r"photos.*--image-size"):
+        load_dataset("photos", image_size=1024)
+    with pytest.raises(ConfigError, match=r"synthetic:100000.*4\.9 GB.*synthetic:K"):  # 400,000 images
+        load_dataset("synthetic:100000", image_size=32)
+    for i in range(3):
+        _save_grey(tmp_path / "flat" / f"{i}.png")
+    monkeypatch.setenv("GRADINV_MEMORY_LIMIT", "10MB")  # 3 grey images at 1024 px: 12.6 MB
+    with pytest.raises(ConfigError, match=r"data folder .*flat.*--image-size"):
+        load_dataset(tmp_path / "flat", image_size=1024)
+    for i in range(3):
+        _save_rgb(tmp_path / "colour" / f"{i}.png")
+    monkeypatch.setenv("GRADINV_MEMORY_LIMIT", "8MB")  # at 512 px: grey would take 3.1 MB, RGB 9.4 MB
+    with pytest.raises(ConfigError, match=r"colour.*3 channel\(s\).*9\.4 MB"):
+        load_dataset(tmp_path / "colour", image_size=512)
+    monkeypatch.setenv("GRADINV_MEMORY_LIMIT", "100MB")
+    np.savez(tmp_path / "big.npz", images=np.zeros((30, 8, 8), np.uint8), labels=np.zeros(30, np.int64))
+    with pytest.raises(ConfigError, match=r"big\.npz.*--image-size"):
+        load_dataset(tmp_path / "big.npz", image_size=1024)
+    assert len(load_dataset("digits", image_size=8, channels=3)) == 1797  # what fits still loads
+
+
+def test_channel_stats_in_chunks_match_one_pass(monkeypatch) -> None:
+    from gradinv.data import dataset as dataset_module
+
+    images = torch.rand(50, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    x = images.double()
+    monkeypatch.setattr(dataset_module, "_STATS_CHUNK", 3 * 36 * 4)  # 4 images a chunk, a ragged last one
+    mean, std = dataset_module.channel_stats(images)
+    assert mean == pytest.approx(x.mean(dim=(0, 2, 3)).tolist(), abs=1e-12)
+    assert std == pytest.approx(x.std(dim=(0, 2, 3), unbiased=False).tolist(), abs=1e-12)

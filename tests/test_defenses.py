@@ -66,6 +66,60 @@ def test_bad_specs_raise_config_errors(spec):
         parse_defense(spec)
 
 
+def test_one_registry_and_grammar_behind_the_defense_names():
+    import gradinv.registry
+    from gradinv.fl.client import ClientBatch as FLClientBatch
+
+    assert DEFENSES is gradinv.registry.DEFENSES and ClientBatch is FLClientBatch
+    assert parse_defense == DEFENSES.parse and build_defense == DEFENSES.build
+    assert parse_defense("PRUNE: 0.5").settings.fraction == 0.5
+    assert parse_defense("pixelate:epsilon=1e-1,block=2").spec() == "pixelate:block=2,epsilon=0.1,m=16"
+    assert build_defense("sign", scaled=False).spec() == "sign:scaled=false"
+    for message, spec in [
+        ("unknown defense 'prun' \\(did you mean 'prune'\\?\\): choose one of dpsgd, dropout", "prun:0.9"),
+        (
+            "noise has no setting 'sdt' \\(did you mean 'std'\\?\\): its settings are std, clip, distribution",
+            "noise:sdt=1",
+        ),
+        ("noise std must be a number, got 'abc'", "noise:abc"),
+        ("sign scaled must be true or false, got 'maybe'", "sign:maybe"),
+        ("sets 'std' twice", "noise:std=1,std=2"),
+        ("a defense spec is a string", 0.9),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_defense(spec)
+
+
+class _Double:
+    """A defense that is no gradinv class: a name, a stage, a spec and a transform are all a scenario needs."""
+
+    name = "double"
+    stage = "update"
+
+    def spec(self) -> str:
+        return "double"
+
+    def transform(self, update, *, client, generator):
+        return {k: 2 * v for k, v in update.items()}
+
+
+def test_the_scenario_tells_stages_apart_by_name_not_by_class(digits32):
+    clean = _scenario(digits32).observe()
+    doubled = _scenario(digits32, defenses=(_Double(),)).observe()
+    assert all(torch.allclose(doubled.update[k], 2 * clean.update[k]) for k in clean.update)
+    with pytest.raises(ConfigError, match="data, then model, then update"):
+        _scenario(digits32, defenses=(_Double(), "mixup"))
+
+
+def test_adaptive_matching_asks_the_defense_objects_whether_they_sparsify(digits32):
+    from gradinv.attacks.components.replay import sent_entries
+
+    assert sent_entries(_scenario(digits32, defenses=("noise:0.01",)).observe()) is None
+    pruned = _scenario(digits32, defenses=("prune:0.5",)).observe()
+    masks = sent_entries(pruned)
+    assert masks is not None and all(torch.equal(masks[k], (pruned.update[k] != 0).float()) for k in masks)
+
+
 def test_defenses_must_act_data_first(digits32):
     with pytest.raises(ConfigError, match="data, then model, then update"):
         _scenario(digits32, defenses=("noise:0.1", "mixup"))
@@ -266,7 +320,7 @@ def test_defended_observation_is_deterministic_and_leaves_truth_and_model_alone(
     before = {k: v.clone() for k, v in sc.model.state_dict().items()}
     a, b = sc.observe(), sc.observe()
     assert all(torch.equal(a.update[k], b.update[k]) for k in a.update)
-    assert [s.split(":")[0] for s in a.defenses] == ["mixup", "noise", "soteria"]
+    assert [d.name for d in a.defenses] == ["mixup", "noise", "soteria"]  # objects, not strings
     truth = sc.ground_truth()
     assert torch.equal(truth.inputs, sc.inputs)
     assert all(torch.equal(before[k], v) for k, v in sc.model.state_dict().items())
@@ -337,25 +391,31 @@ def test_cli_defense_mistakes_are_one_line_errors(tmp_path, capsys, extra):
 
 
 def test_bench_defenses_writes_table_picture_and_resumes(tmp_path):
-    from gradinv.defense_bench import bench_defenses
+    from gradinv.experiments import Case
+    from gradinv.experiments.defenses import bench_defenses
+    from gradinv.experiments.store import StoreError
 
     out = tmp_path / "sweep"
-    kw = dict(attack="analytic", model="mlp", data="digits", samples=2, out=out)
-    first = bench_defenses(defenses=["noise:1e-2", "mixup", "dpsgd:1"], **kw)
+    case = Case(model="mlp", data="digits")
+    kw = dict(attack="analytic", samples=2, out=out)
+    first = bench_defenses(case, defenses=["noise:1e-2", "mixup", "dpsgd:1"], **kw)
     rows = {r["defense"].split(":")[0]: r for r in first["summary"]}
     assert rows["none"]["psnr"] > 60 and rows["none"]["update_cosine"] == pytest.approx(1.0)
     assert rows["noise"]["psnr"] < rows["none"]["psnr"] - 20 and rows["noise"]["update_cosine"] < 1
     assert rows["mixup"]["answered"] == 0 and "at least 2" in rows["mixup"]["declined"]
     assert rows["dpsgd"]["dp_epsilon"] == pytest.approx(gaussian_epsilon(1.0, delta=1e-5))
-    for name in ("defenses.json", "defenses.md", "defenses.png"):
+    for name in ("defenses.json", "defenses.md", "defenses.png", "report.html", "results.csv"):
         assert (out / name).stat().st_size > 0
     saved = json.loads((out / "defenses.json").read_text())
     assert len(saved["trials"]) == 2 * 4
-    again = bench_defenses(defenses=["noise:1e-2", "mixup", "dpsgd:1", "sign"], **kw)  # resumes, adds sign
+    with pytest.raises(StoreError, match="--resume"):  # a finished sweep is not silently rerun or mixed
+        bench_defenses(case, defenses=["noise:1e-2", "mixup", "dpsgd:1"], **kw)
+    again = bench_defenses(case, defenses=["noise:1e-2", "mixup", "dpsgd:1", "sign"], resume=True, **kw)
     assert len(again["trials"]) == 2 * 5
-    assert again["trials"][:8] == first["trials"]
-    with pytest.raises(ConfigError, match="different sweep"):
-        bench_defenses(defenses=["sign"], **{**kw, "data": "photos"})
+    old = {t["key"]: t for t in first["trials"]}
+    assert all(old[t["key"]] == t for t in again["trials"] if t["key"] in old)  # finished runs kept, not redone
+    with pytest.raises(StoreError, match="other settings"):  # fewer samples: old seeds would mix into medians
+        bench_defenses(case, defenses=["noise:1e-2", "mixup", "dpsgd:1", "sign"], resume=True, **{**kw, "samples": 1})
 
 
 def test_cli_bench_defenses(tmp_path, capsys):
@@ -441,7 +501,7 @@ def test_adaptive_invgrad_undoes_pruning(seed):
 
 
 def test_defended_accuracy_prices_the_defense(digits32):
-    from gradinv.defense_bench import defended_accuracy
+    from gradinv.experiments.defenses import defended_accuracy
 
     net = gradinv.build_model("mlp", num_classes=10, image_size=32, seed=0)
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -453,13 +513,13 @@ def test_defended_accuracy_prices_the_defense(digits32):
 
 
 def test_bench_defenses_reports_accuracy_with_utility_steps(tmp_path):
-    from gradinv.defense_bench import bench_defenses, markdown_table
+    from gradinv.experiments import Case
+    from gradinv.experiments.defenses import bench_defenses, markdown_table
 
-    result = bench_defenses(
-        attack="analytic", model="mlp", data="digits", samples=1, defenses=["noise:1.0"], utility_steps=30
-    )
+    case = Case(model="mlp", data="digits")
+    result = bench_defenses(case, attack="analytic", samples=1, defenses=["noise:1.0"], utility_steps=30)
     rows = {r["defense"]: r for r in result["summary"]}
-    assert rows["none"]["accuracy"] > rows["noise:std=1.0,clip=None,distribution=gaussian"]["accuracy"]
+    assert rows["none"]["accuracy"] > rows["noise:std=1.0,clip=none,distribution=gaussian"]["accuracy"]
     assert "accuracy" in markdown_table(result["config"], result["summary"])
 
 

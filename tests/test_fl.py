@@ -104,3 +104,116 @@ def test_scenario_validates_shapes():
 def test_protocol_round_trip():
     for p in (FedSGD(), FedAvg(local_steps=4, lr=0.01, local_batch_size=8)):
         assert protocol_from_dict(p.to_dict()) == p
+
+
+# -- protocols in the core layer, and their specs -------------------------------------------------------------
+
+
+def test_protocols_live_in_the_core_layer_and_fl_re_exports_them():
+    import gradinv.fl.protocols as fl_protocols
+    import gradinv.protocol as core
+
+    assert FedAvg is core.FedAvg is fl_protocols.FedAvg and FedSGD is core.FedSGD
+    assert protocol_from_dict is core.protocol_from_dict
+
+
+def test_protocol_specs_parse_and_round_trip():
+    from gradinv.registry import PROTOCOLS
+
+    assert PROTOCOLS.parse("fedsgd") == FedSGD()
+    assert PROTOCOLS.parse("fedavg:local_steps=5,lr=0.1") == FedAvg(local_steps=5, lr=0.1)
+    assert PROTOCOLS.parse("fedavg:5") == FedAvg(local_steps=5)
+    assert PROTOCOLS.parse("FedAvg:local_batch_size=none") == FedAvg()
+    for p in (FedSGD(), FedAvg(local_steps=4, lr=0.01, local_batch_size=8), FedAvg(lr=1e-3)):
+        assert PROTOCOLS.parse(p.spec()) == p
+    assert FedSGD().spec() == "fedsgd"
+    with pytest.raises(ConfigError, match="unknown protocol 'fedavgg' \\(did you mean 'fedavg'\\?\\): choose one of"):
+        PROTOCOLS.parse("fedavgg:5")
+    with pytest.raises(ConfigError, match="no setting 'steps'.*its settings are local_steps, lr, local_batch_size"):
+        PROTOCOLS.parse("fedavg:steps=5")
+    with pytest.raises(ConfigError, match="fedavg local_steps must be an integer, got 'five'"):
+        PROTOCOLS.parse("fedavg:five")
+    with pytest.raises(ConfigError, match="write KEY=VALUE"):
+        PROTOCOLS.parse("fedsgd:5")
+    with pytest.raises(ConfigError, match="local_steps must be int"):
+        FedAvg(local_steps="5")
+    with pytest.raises(ConfigError, match="unknown protocol 'sgd'"):
+        protocol_from_dict({"name": "sgd"})
+
+
+# -- the Python API refuses mistakes in one line --------------------------------------------------------------
+
+
+def _mlp_case(digits32, b=2):
+    images, labels = sample_batch(digits32, batch_size=b, seed=0)
+    return build_model("mlp", num_classes=10, image_size=32, seed=0), images, labels
+
+
+def test_defenses_as_one_bare_string_are_refused_with_the_fix(digits32):
+    model, images, labels = _mlp_case(digits32)
+    norm = digits32.normalization
+    with pytest.raises(ConfigError, match="got the string 'prune:0.9': write \\('prune:0.9',\\)"):
+        Scenario.from_images(model, images, labels, normalization=norm, defenses="prune:0.9")
+    with pytest.raises(ConfigError, match="a defense must be a Defense"):
+        Scenario.from_images(model, images, labels, normalization=norm, defenses=(0.9,))
+    sc = Scenario.from_images(model, images, labels, normalization=norm, defenses=["prune:0.9"])
+    assert isinstance(sc.defenses, tuple) and sc.defenses[0].name == "prune"
+
+
+def test_images_outside_the_unit_range_and_non_finite_inputs_are_refused(digits32):
+    from gradinv.errors import DataError
+
+    model, images, labels = _mlp_case(digits32)
+    norm = digits32.normalization
+    with pytest.raises(DataError, match="images must lie in \\[0, 1\\].*divide 0-255 images by 255"):
+        Scenario.from_images(model, images * 255, labels, normalization=norm)
+    with pytest.raises(DataError, match="images must be floating point.*float\\(\\) / 255"):
+        Scenario.from_images(model, (images * 255).to(torch.uint8), labels, normalization=norm)
+    bad = norm.normalize(images).clone()
+    for value in (float("nan"), float("inf")):
+        bad[0, 0, 0, 0] = value
+        with pytest.raises(DataError, match="inputs hold NaN or infinite values"):
+            Scenario(model, bad, labels)
+    with pytest.raises(DataError, match="labels must be integer class indices"):
+        Scenario(model, norm.normalize(images), labels.float())
+
+
+class _TupleNet(torch.nn.Module):
+    def __init__(self, wrap):
+        super().__init__()
+        self.inner = build_model("mlp", num_classes=10, image_size=32, seed=0)
+        self.wrap = wrap
+
+    def forward(self, x):
+        return self.wrap(self.inner(x))
+
+
+@pytest.mark.parametrize("wrap", [lambda z: (z, z.sum()), lambda z: {"logits": z}])
+def test_a_model_that_does_not_return_logits_gets_a_clear_error(digits32, wrap):
+    _, images, labels = _mlp_case(digits32)
+    sc = Scenario.from_images(_TupleNet(wrap), images, labels, normalization=digits32.normalization)
+    with pytest.raises(ConfigError, match="forward returned a (tuple|dict), not a tensor of logits: wrap the model"):
+        sc.observe()
+
+
+def test_observation_carries_defense_objects_and_with_knowledge_keeps_them(digits32, tmp_path):
+    from gradinv.defenses import Defense, parse_defense
+    from gradinv.fl import observation_from_files
+    from gradinv.io import save_model, save_update
+
+    model, images, labels = _mlp_case(digits32)
+    sc = Scenario.from_images(model, images, labels, normalization=digits32.normalization, defenses=("noise:0.01",))
+    obs = sc.observe()
+    assert all(isinstance(d, Defense) for d in obs.defenses) and obs.defenses == sc.defenses
+    assert obs.with_knowledge(labels=labels).defenses == obs.defenses
+    assert [d.spec() for d in obs.defenses] == ["noise:std=0.01,clip=none,distribution=gaussian"]
+    save_model(model, tmp_path / "model.safetensors")
+    save_update(obs.update, tmp_path / "update.safetensors")
+    again = observation_from_files(
+        model,
+        update_path=tmp_path / "update.safetensors",
+        weights_path=tmp_path / "model.safetensors",
+        defenses=[d.spec() for d in obs.defenses],
+    )
+    assert [type(d) for d in again.defenses] == [type(parse_defense("noise"))]
+    assert again.defenses[0].settings == obs.defenses[0].settings

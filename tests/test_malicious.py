@@ -225,6 +225,29 @@ def test_parse_server():
             parse_server(spec)
 
 
+def test_servers_share_the_registry_grammar_and_write_their_specs(digits32):
+    from gradinv.registry import SERVERS
+
+    assert set(SERVERS) == {"imprint", "trap"}
+    imprint = parse_server("imprint:bins=64,measurement=mean,seed=3,distribution=laplace", input_shape=(3, 32, 32))
+    assert (imprint.bins, imprint.measurement, imprint.seed, imprint.distribution) == (64, "mean", 3, "laplace")
+    assert imprint.input_shape == (3, 32, 32)
+    again = parse_server(imprint.spec(), input_shape=(3, 32, 32))
+    assert again.spec() == imprint.spec() and again.bins == 64 and again.distribution == "laplace"
+    trap = parse_server("trap:scale=1.1,width=32", normalization=digits32.normalization)
+    assert (trap.scale, trap.width, trap.normalization) == (1.1, 32, digits32.normalization)
+    assert parse_server(trap.spec()).spec() == trap.spec()
+    assert SERVERS.parse("imprint:32", input_shape=(1, 8, 8)).bins == 32  # the registry itself takes runtime args
+    with pytest.raises(ConfigError, match="unknown server 'imprnt:64'.*\\(did you mean 'imprint'\\?\\)"):
+        parse_server("imprnt:64")
+    with pytest.raises(ConfigError, match="imprint has no setting 'bin' \\(did you mean 'bins'\\?\\)"):
+        parse_server("imprint:bin=64")
+    with pytest.raises(ConfigError, match="imprint has no setting 'input_shape'"):
+        parse_server("imprint:input_shape=3")  # a runtime argument, not a spec's
+    with pytest.raises(ConfigError, match="bins given both in the spec 'imprint:32' and as an argument"):
+        SERVERS.parse("imprint:32", bins=16)
+
+
 # -- the attacks ---------------------------------------------------------------------------------------------
 
 

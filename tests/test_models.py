@@ -238,3 +238,70 @@ def test_train_model_rejects_bad_input():
         train_model(model, images=images, labels=labels, steps=-1)
     with pytest.raises(ConfigError):
         train_model(model, images=images, labels=labels, steps=1, batch_size=0)
+
+
+# -- options checked with their types; image sizes a model is built for ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "expected"),
+    [
+        (
+            "convnet",
+            {"width": "abc"},
+            "option 'width' must be an integer, got 'abc': pass e.g. --model-option width=64",
+        ),
+        ("convnet", {"width": 2.5}, "option 'width' must be an integer, got 2.5"),
+        ("mlp", {"hidden": "wide"}, "option 'hidden' must be a comma-separated list of integers, got 'wide'"),
+        ("mlp", {"bias": "maybe"}, "option 'bias' must be true or false, got 'maybe'"),
+        ("cnn6", {"activation": 3}, "option 'activation' must be a string, got 3"),
+    ],
+)
+def test_model_options_of_the_wrong_type_are_one_line_config_errors(name, options, expected):
+    with pytest.raises(ConfigError) as info:
+        build_model(name, num_classes=10, **options)
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+    assert "not supported" not in message
+
+
+def test_model_options_are_converted_to_their_types():
+    model = build_model("mlp", num_classes=3, in_channels=1, image_size=4, hidden=16, bias="false")
+    assert [layer.out_features for layer in model.layers] == [16, 3]  # one width: a list of one
+    assert all(layer.bias is None for layer in model.layers)
+
+
+@pytest.mark.parametrize(("name", "size"), [("cnn6", 2), ("mlp", 3), ("resnet20", 1), ("convnet", 8)])
+def test_images_smaller_than_a_model_takes_are_refused(name, size):
+    with pytest.raises(ShapeError, match=r"--image-size \d+ or more") as info:
+        build_model(name, num_classes=10, image_size=size)
+    assert "\n" not in str(info.value)
+
+
+def test_analysis_refuses_images_no_model_takes(tmp_path, capsys):
+    from gradinv.analysis import analyze_model
+    from gradinv.cli import main
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 10))
+    with pytest.raises(ShapeError, match="--image-size 4 or more"):
+        analyze_model(model, (3, 2, 2))
+    assert main(["analyze", "--image-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--image-size 4 or more" in err and "Traceback" not in err
+    assert main(["analyze", "--model", "convnet", "--model-option", "width=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "option 'width' must be an integer, got 'abc'" in err and "not supported" not in err
+
+
+def test_one_class_is_refused_with_the_reason_and_the_fix(tmp_path):
+    from PIL import Image
+
+    from gradinv.data import load_dataset
+
+    for i in range(3):
+        Image.new("RGB", (10, 10), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    flat = load_dataset(tmp_path, image_size=8)  # a flat folder is one class: fine as data ...
+    assert flat.num_classes == 1
+    with pytest.raises(ConfigError, match=r"at least 2 classes.*cross-entropy is 0.*--num-classes") as info:
+        build_model("mlp", num_classes=flat.num_classes, image_size=8)  # ... but not for a classifier
+    assert "\n" not in str(info.value)

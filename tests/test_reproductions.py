@@ -6,7 +6,7 @@ import pytest
 
 from gradinv.attacks import build_attack
 from gradinv.data import load_dataset
-from gradinv.experiment import run_attack
+from gradinv.experiments import Case, Cell, Seeds, run_cell
 from gradinv.fl import Scenario
 from gradinv.metrics import score_images
 from gradinv.models import build_model
@@ -15,11 +15,9 @@ from gradinv.models import build_model
 @pytest.mark.slow
 def test_dlg_on_lenet_reaches_30db_on_four_of_five_seeds():
     """DLG (Zhu et al. 2019): LeNet, 32x32 bundled photos, batch 1, at most 300 L-BFGS iterations."""
-    results = [
-        run_attack("dlg", model="lenet", data="photos", image_size=32, batch_size=1, iterations=300, seed=seed)
-        for seed in range(5)
-    ]
-    psnrs = [r.metrics["psnr"] for r in results]
+    case = Case(model="lenet", data="photos", image_size=32, batch_size=1)
+    cells = [Cell(case.replace(seeds=Seeds.all(seed)), "dlg", (("iterations", 300),)) for seed in range(5)]
+    psnrs = [run_cell(c).record.psnr for c in cells]
     assert sum(p >= 30 for p in psnrs) >= 4, psnrs
 
 

@@ -1,52 +1,68 @@
 """gradinv: gradient inversion attacks and defenses for federated learning.
 
 ``Scenario -> observe() -> Observation -> Attack.reconstruct() -> Reconstruction -> score_images()``
+
+Names are imported on first use (PEP 562), so ``import gradinv`` and ``gradinv --help`` do not load torch.
 """
 
-from gradinv import analysis, defense_bench, defenses
-from gradinv.attacks import ATTACKS, Attack, build_attack
-from gradinv.attacks.labels import LABEL_METHODS, recover_labels
-from gradinv.data import ImageDataset, Normalization, load_dataset, sample_batch
-from gradinv.defenses import DEFENSES, Defense, build_defense, dp_epsilon, parse_defense
-from gradinv.errors import GradinvError
-from gradinv.fl import FedAvg, FedSGD, Scenario
-from gradinv.metrics import label_accuracy, label_count_accuracy, label_existence_accuracy, score_images
-from gradinv.models import build_model, list_models
-from gradinv.types import GroundTruth, Knowledge, Observation, Reconstruction, ThreatModel
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any
 
-__all__ = [
-    "analysis",
-    "defense_bench",
-    "defenses",
-    "ATTACKS",
-    "DEFENSES",
-    "LABEL_METHODS",
-    "Attack",
-    "Defense",
-    "FedAvg",
-    "FedSGD",
-    "GradinvError",
-    "GroundTruth",
-    "ImageDataset",
-    "Knowledge",
-    "Normalization",
-    "Observation",
-    "Reconstruction",
-    "Scenario",
-    "ThreatModel",
-    "build_attack",
-    "build_defense",
-    "dp_epsilon",
-    "build_model",
-    "label_accuracy",
-    "label_count_accuracy",
-    "label_existence_accuracy",
-    "list_models",
-    "load_dataset",
-    "parse_defense",
-    "recover_labels",
-    "sample_batch",
-    "score_images",
-]
+__version__ = "0.2.0"
+
+#: public name -> the module that defines it
+_EXPORTS = {
+    "ATTACKS": "gradinv.attacks",
+    "Attack": "gradinv.attacks",
+    "build_attack": "gradinv.attacks",
+    "LABEL_METHODS": "gradinv.attacks.labels",
+    "recover_labels": "gradinv.attacks.labels",
+    "ImageDataset": "gradinv.data",
+    "Normalization": "gradinv.data",
+    "load_dataset": "gradinv.data",
+    "sample_batch": "gradinv.data",
+    "DEFENSES": "gradinv.defenses",
+    "Defense": "gradinv.defenses",
+    "build_defense": "gradinv.defenses",
+    "dp_epsilon": "gradinv.defenses",
+    "parse_defense": "gradinv.defenses",
+    "GradinvError": "gradinv.errors",
+    "FedAvg": "gradinv.fl",
+    "FedSGD": "gradinv.fl",
+    "Scenario": "gradinv.fl",
+    "label_accuracy": "gradinv.metrics",
+    "label_count_accuracy": "gradinv.metrics",
+    "label_existence_accuracy": "gradinv.metrics",
+    "score_images": "gradinv.metrics",
+    "build_model": "gradinv.models",
+    "list_models": "gradinv.models",
+    "GroundTruth": "gradinv.types",
+    "Knowledge": "gradinv.types",
+    "Observation": "gradinv.types",
+    "Reconstruction": "gradinv.types",
+    "ThreatModel": "gradinv.types",
+    "Case": "gradinv.experiments",
+    "Cell": "gradinv.experiments",
+    "Seeds": "gradinv.experiments",
+    "run_cell": "gradinv.experiments",
+}
+_SUBMODULES = ("analysis", "attacks", "data", "defenses", "experiments", "fl", "metrics", "models", "types")
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"gradinv.{name}")
+    else:
+        raise AttributeError(f"module 'gradinv' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from gradinv.attacks.components.chain import ChainLayer, layer_chain
-from gradinv.errors import AttackError
+from gradinv.errors import AttackError, ShapeError
+from gradinv.models import MIN_MODEL_IMAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -123,10 +124,25 @@ def _numeric_rank(layer: ChainLayer, generator: torch.Generator) -> int:
     return int((eig > eig.max() * 1e-10).sum())
 
 
+def check_input_shape(input_shape: tuple[int, ...]) -> None:
+    """Refuse, in one line, an input shape no model is built for: every size positive and, for images
+    ``(C, H, W)``, sides of at least :data:`~gradinv.models.MIN_MODEL_IMAGE_SIZE` pixels (the check
+    :func:`gradinv.models.build_model` makes for a registered model, here for any module)."""
+    shape = tuple(input_shape)
+    if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+        raise ShapeError(f"input shape must be positive integers such as (3, 32, 32), got {shape}")
+    if len(shape) == 3 and min(shape[1:]) < MIN_MODEL_IMAGE_SIZE:
+        raise ShapeError(
+            f"cannot analyse {shape[1]}x{shape[2]} images: models take {MIN_MODEL_IMAGE_SIZE} pixels or more; "
+            f"use --image-size {MIN_MODEL_IMAGE_SIZE} or more"
+        )
+
+
 def rank_analysis(
     model: nn.Module, input_shape: tuple[int, ...], *, numeric: bool = False, seed: int = 0
 ) -> RankReport:
     """R-GAP's rank analysis of ``model`` for inputs of ``input_shape`` (batch 1)."""
+    check_input_shape(input_shape)
     chain = layer_chain(model, tuple(input_shape))
     generator = torch.Generator().manual_seed(seed)
     rows = []

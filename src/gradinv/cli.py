@@ -1,15 +1,19 @@
-"""The ``gradinv`` command line.
+"""The ``gradinv`` command line: flags -> a :class:`~gradinv.experiments.case.Case` (in one place,
+:func:`case_from_args`) -> the experiments layer.
 
-A user's mistake (unknown name, missing file, bad size...) is reported on one line with exit code 2,
-never as a traceback, and nothing is written to ``--out`` unless the run succeeded.
+A user's mistake (unknown name, missing file, bad size...) is reported on one line with exit code 2, never as a
+traceback, and nothing is written to ``--out`` unless the run succeeded. Heavy modules (torch, scipy) are imported
+only when a command runs, so ``--help`` and ``--version`` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from gradinv.errors import ConfigError, GradinvError
 
@@ -41,6 +45,16 @@ def _int_at_least(minimum: int):
 
 _positive = _int_at_least(1)
 _nonneg = _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _names(text: str) -> list[str]:
@@ -86,21 +100,21 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_run_options(p: argparse.ArgumentParser, *, model: str, data: str) -> None:
-    p.add_argument("--model", default=model, help=f"model name (default {model}; see `gradinv list`)")
+def _add_case_options(p: argparse.ArgumentParser, *, model: str, data: str) -> None:
+    """The flags that describe a client and its observer: each maps to one field of the case."""
+    p.set_defaults(default_model=model, default_data=data)
+    p.add_argument("--model", help=f"model name (default {model}; see `gradinv list`)")
     _add_model_options(p)
-    p.add_argument("--data", default=data, help="digits, photos, a folder of images or an .npz file; 'none' to skip")
-    p.add_argument("--image-size", type=_positive, default=32, help="image side in pixels (default 32)")
-    p.add_argument("--batch-size", type=_positive, default=1, help="client batch size (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data, model and attack (default 0)")
+    p.add_argument("--data", help=f"digits, photos, a folder of images or an .npz file (default {data})")
+    p.add_argument("--image-size", type=_positive, help="image side in pixels (default 32)")
+    p.add_argument("--batch-size", type=_positive, help="client batch size (default 1)")
+    p.add_argument("--seed", type=int, help="seed of model, data, defenses and attack (default 0)")
     p.add_argument("--trained-steps", type=_nonneg, default=0, help="train the model this many SGD steps first")
     p.add_argument("--train-data", default="digits", help="data for --trained-steps (default digits)")
     p.add_argument("--weights", type=Path, help="safetensors file with the model's parameters")
     p.add_argument("--num-classes", type=_positive, help="classes of the model (default: from the data)")
-    p.add_argument(
-        "--local-steps", type=_positive, help="FedAvg: local SGD steps (default: FedSGD, or an update file's protocol)"
-    )
-    p.add_argument("--local-lr", type=float, default=0.1, help="FedAvg: local learning rate (default 0.1)")
+    p.add_argument("--local-steps", type=_positive, help="FedAvg: local SGD steps (default: FedSGD)")
+    p.add_argument("--local-lr", type=_positive_float, help="FedAvg: local learning rate (default 0.1)")
     p.add_argument("--local-batch-size", type=_positive, help="FedAvg: local batch size (default: full batch)")
     p.add_argument(
         "--train-mode",
@@ -125,17 +139,34 @@ def _add_run_options(p: argparse.ArgumentParser, *, model: str, data: str) -> No
     p.add_argument("--out", type=Path, help="output folder")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from gradinv.attacks import ATTACKS
+def _add_attack_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--iterations", type=_positive, help="attack iterations (default: the paper's)")
+    p.add_argument("--restarts", type=_positive, help="random restarts of iterative attacks (default 1)")
+    _add_key_values(
+        p, "--attack-option", "one of the attack's settings, repeatable (e.g. smooth=0.1 for copa, tv_weight=0.01)"
+    )
 
+
+def _add_grid_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=("local", "process", "ray"), default="local", help="default local")
+    p.add_argument("--workers", type=_positive, default=1, help="parallel workers (process, ray; default 1)")
+    p.add_argument("--address", help="ray: the address of an existing cluster (default: start one here)")
+    p.add_argument("--threads", type=_positive, help="torch threads per cell (default: the cores over the workers)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished cells")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gradinv", description="Gradient inversion attacks on federated-learning updates.")
+    from gradinv import __version__
+
+    parser.add_argument("--version", action="version", version=f"gradinv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     a = sub.add_parser("attack", help="attack one client's update and score the reconstruction")
-    a.add_argument("name", choices=sorted(ATTACKS), metavar="NAME", help=f"one of {', '.join(sorted(ATTACKS))}")
-    _add_run_options(a, model="convnet", data="photos")
-    a.add_argument("--iterations", type=_positive, help="attack iterations (default: the paper's)")
-    a.add_argument("--restarts", type=_positive, help="random restarts (default 1)")
+    a.add_argument("name", metavar="NAME", help="the attack (see `gradinv list`)")
+    _add_case_options(a, model="convnet", data="photos")
+    _add_attack_options(a)
     a.add_argument("--update", type=Path, help="captured update (safetensors) to attack instead of a simulation")
     a.add_argument("--known-labels", action="store_true", help="the threat model gives the attacker the labels")
     a.add_argument(
@@ -143,31 +174,37 @@ def build_parser() -> argparse.ArgumentParser:
         default="honest",
         help="honest (default) or a malicious server's modification: imprint[:BINS] (Robbing the Fed), trap[:SCALE]",
     )
-    _add_key_values(
-        a, "--attack-option", "one of the attack's settings, repeatable (e.g. smooth=0.1 for copa, tv_weight=0.01)"
-    )
     a.add_argument("--quiet", action="store_true", help="no progress bar")
 
     c = sub.add_parser("capture", help="simulate a client and save its model and update (safetensors)")
-    _add_run_options(c, model="convnet", data="photos")
+    _add_case_options(c, model="convnet", data="photos")
+    c.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
     lab = sub.add_parser("labels", help="recover the labels of simulated client batches and score them")
     lab.add_argument("method", metavar="METHOD", help="a label method (see `gradinv list`) or 'auto'")
-    _add_run_options(lab, model="mlp", data="digits")
+    _add_case_options(lab, model="mlp", data="digits")
     lab.add_argument("--trials", type=_positive, default=10, help="batches to try, seeds seed.. (default 10)")
     lab.add_argument("--quiet", action="store_true", help="no per-trial lines")
 
     au = sub.add_parser("audit", help="does this client configuration leak? every applicable attack, strongest named")
-    _add_run_options(au, model="convnet", data="photos")
+    _add_case_options(au, model="convnet", data="photos")
+    _add_attack_options(au)
     au.add_argument(
         "--attacks", type=_names, default=["analytic", "rgap", "invgrad"], help="default analytic,rgap,invgrad"
     )
     au.add_argument("--samples", type=_positive, default=2, help="client batches, seeds seed.. (default 2)")
-    au.add_argument("--iterations", type=_positive, help="iterations of the iterative attacks (default: the paper's)")
+    au.add_argument("--resume", action="store_true", help="continue the audit in --out, skipping finished runs")
     au.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    bench = sub.add_parser("bench", help="benchmarks")
+    bench = sub.add_parser(
+        "bench", help="benchmarks: `gradinv bench GRID.yaml --out DIR`, or the `labels` and `defenses` sweeps"
+    )
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    bg = bench_sub.add_parser("grid", help="run a grid file (also `gradinv bench GRID.yaml`)")
+    bg.add_argument("grid", type=Path, metavar="GRID.yaml", help="the grid (see docs/grids.md)")
+    bg.add_argument("--out", type=Path, required=True, help="the results folder (store, report.html, results.csv)")
+    _add_grid_options(bg)
+
     bl = bench_sub.add_parser("labels", help="every label method x model x batch size: CSV, table and plot")
     bl.add_argument("--methods", type=_names, help="comma-separated label methods (default: all)")
     bl.add_argument(
@@ -190,38 +227,31 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument(
         "--out", type=Path, default=Path("runs/bench-labels"), help="output folder (default runs/bench-labels)"
     )
-    bl.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_grid_options(bl)
 
     bd = bench_sub.add_parser("defenses", help="one attack undefended and under each --defense: table and picture")
     bd.add_argument("--attack", default="invgrad", help="the attack (default invgrad; see `gradinv list`)")
-    bd.add_argument("--model", default="convnet", help="model name (default convnet)")
-    _add_model_options(bd)
-    bd.add_argument("--data", default="photos", help="the clients' data (default photos)")
-    bd.add_argument("--image-size", type=_positive, default=32, help="image side in pixels (default 32)")
-    bd.add_argument("--batch-size", type=_positive, default=1, help="client batch size (default 1)")
+    _add_case_options(bd, model="convnet", data="photos")
+    _add_attack_options(bd)
     bd.add_argument("--samples", type=_positive, default=2, help="client batches, seeds seed.. (default 2)")
-    bd.add_argument("--seed", type=int, default=0, help="seed of the model and the first batch (default 0)")
-    bd.add_argument("--iterations", type=_positive, help="attack iterations (default: the paper's)")
-    bd.add_argument("--trained-steps", type=_nonneg, default=0, help="train the model on digits first")
-    bd.add_argument(
-        "--defense",
-        dest="defenses",
-        action="append",
-        default=[],
-        metavar="SPEC",
-        help="a defense to test, repeatable (e.g. noise:0.01, prune:0.9, soteria:0.6); the undefended case is added",
-    )
     bd.add_argument(
         "--utility-steps",
         type=_nonneg,
         default=0,
         help="also train the model this many defended FedSGD rounds on digits and report its accuracy (default 0)",
     )
-    _add_key_values(bd, "--attack-option", "one of the attack's settings, repeatable")
-    bd.add_argument(
-        "--out", type=Path, default=Path("runs/bench-defenses"), help="output folder (default runs/bench-defenses)"
-    )
-    bd.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_grid_options(bd)
+    bd.set_defaults(out_default=Path("runs/bench-defenses"))
+
+    rp = sub.add_parser("report", help="regenerate report.html and results.csv from a results folder")
+    rp.add_argument("dir", type=Path, metavar="DIR", help="a folder a grid, audit or benchmark wrote")
+
+    rr = sub.add_parser("reproduce", help="the field's headline results as a regression grid: paper vs ours")
+    rr.add_argument("--scale", choices=("cpu", "paper"), default="cpu", help="cpu (default, ~30 min) or paper sizes")
+    rr.add_argument("--only", type=_names, help="comma-separated entry names (see --list)")
+    rr.add_argument("--list", action="store_true", help="list the entries and exit")
+    rr.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="results folder (default runs/reproduce)")
+    _add_grid_options(rr)
 
     an = sub.add_parser("analyze", help="rank analysis: which layers' updates determine their inputs (R-GAP)")
     an.add_argument("--model", default="cnn6", help="model name (default cnn6; see `gradinv list`)")
@@ -232,66 +262,130 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--numeric", action="store_true", help="also measure each layer's rank at a random probe")
     an.add_argument("--out", type=Path, help="write analysis.md and analysis.json here")
 
-    sub.add_parser("list", help="list attacks, label methods, models and data sources")
+    sub.add_parser("list", help="list attacks, label methods, defenses, models and data sources")
 
-    d = sub.add_parser("demo", help="Inverting Gradients on a bundled photo against a ResNet")
+    d = sub.add_parser("demo", help="a small audit of a default deployment: what leaks, and what a defense changes")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
-def _protocol(args: argparse.Namespace):
+# -- flags -> case ------------------------------------------------------------------------------------------------
+
+
+def _given(args: argparse.Namespace, name: str) -> bool:
+    return getattr(args, name, None) is not None
+
+
+def case_from_args(args: argparse.Namespace, *, needs_data: bool = True):
+    """The one mapping from command-line flags to a :class:`~gradinv.experiments.case.Case` (checked as it is
+    built). With ``--update``, what the file records (protocol, batch size, image size, seeds) fills the flags
+    that were not given, and a flag that contradicts the file is an error."""
+    from gradinv.experiments.case import Case, Seeds, file_case
     from gradinv.fl import FedAvg, FedSGD
 
-    if args.local_steps is None:
-        return None if getattr(args, "update", None) else FedSGD()
-    return FedAvg(local_steps=args.local_steps, lr=args.local_lr, local_batch_size=args.local_batch_size)
+    update = getattr(args, "update", None)
+    if not _given(args, "local_steps") and (_given(args, "local_lr") or _given(args, "local_batch_size")):
+        raise ConfigError("--local-lr and --local-batch-size set FedAvg's local training: add --local-steps K")
+    protocol = (
+        FedAvg(
+            local_steps=args.local_steps,
+            lr=args.local_lr if _given(args, "local_lr") else 0.1,
+            local_batch_size=args.local_batch_size,
+        )
+        if _given(args, "local_steps")
+        else FedSGD()
+    )
+    data = args.data if _given(args, "data") else args.default_data
+    if str(data).lower() == "none":
+        if needs_data:
+            raise ConfigError(f"{args.command} simulates clients, so it needs --data")
+        data = None
+    seed = args.seed if _given(args, "seed") else 0
+    case = Case(
+        model=args.model or args.default_model,
+        model_options=dict(args.model_options),
+        weights=args.weights,
+        num_classes=args.num_classes,
+        trained_steps=args.trained_steps,
+        train_data=args.train_data,
+        data=data,
+        image_size=args.image_size or 32,
+        batch_size=args.batch_size or 1,
+        protocol=protocol,
+        clients=args.clients,
+        defenses=tuple(args.defenses),
+        train_mode=args.train_mode,
+        known_labels=getattr(args, "known_labels", False),
+        server=getattr(args, "server", "honest"),
+        update=update,
+        seeds=Seeds.all(seed),
+    )
+    if update is not None:
+        explicit = [n for n in ("batch_size", "image_size") if _given(args, n)]
+        explicit += ["protocol"] if _given(args, "local_steps") else []
+        explicit += ["seeds"] if _given(args, "seed") else []
+        explicit += ["train_mode"] if args.train_mode else []
+        case = file_case(case, explicit=explicit)
+    return case
 
 
-def _data(args: argparse.Namespace) -> str | None:
-    return None if str(args.data).lower() == "none" else args.data
+def _attack_settings(args: argparse.Namespace, attack: str) -> dict[str, Any]:
+    """``--attack-option`` plus ``--iterations`` / ``--restarts``: a flag the attack has no setting for is an
+    error, as the same ``--attack-option`` would be."""
+    from gradinv.attacks import ATTACKS
 
-
-def _client_data(args: argparse.Namespace, command: str) -> str:
-    """The data a simulated client holds (checks ``--out`` first, so a bad path fails before any work)."""
-    _check_out(args.out)
-    data = _data(args)
-    if data is None:
-        raise ConfigError(f"{command} simulates clients, so it needs --data")
-    return data
+    settings = dict(args.attack_options)
+    fields = ATTACKS.lookup(attack).Settings.__dataclass_fields__
+    for key in ("iterations", "restarts"):
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if key not in fields:
+            raise ConfigError(f"{attack} has no --{key} (it is not iterative): drop the flag")
+        settings[key] = value
+    return settings
 
 
 def _check_out(out: Path | None) -> None:
-    if out is not None and out.exists() and not out.is_dir():
+    """A folder we can write into, checked before any work."""
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' exists and is not a folder: choose a folder path")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out '{out}' cannot be written ('{probe}' is not a writable folder): choose another path")
+
+
+# -- commands -----------------------------------------------------------------------------------------------------
 
 
 def _cmd_attack(args: argparse.Namespace) -> int:
-    from gradinv.experiment import run_attack, save_run
+    from gradinv.experiments.runner import Cell, run_cell
+    from gradinv.experiments.save import save_run
 
     _check_out(args.out)
-    result = run_attack(
-        args.name,
-        data=_data(args),
-        seed=args.seed,
-        restarts=args.restarts,
-        update=args.update,
-        known_labels=args.known_labels,
-        server=args.server,
-        attack_settings=dict(args.attack_options),
-        progress=not args.quiet,
-        **_client_options(args),
-    )
-    m = result.metrics
-    line = f"{m['attack']} on {m['model']}: {m['seconds']:.1f} s"
-    if m["defenses"]:
-        line = f"{m['attack']} on {m['model']} defended by {', '.join(d.split(':')[0] for d in m['defenses'])}"
-        line += f" (epsilon {m['dp_epsilon']:.2f})" if m["dp_epsilon"] is not None else ""
-        line += f": {m['seconds']:.1f} s"
-    if m["psnr"] is not None:
-        line += f", PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}"
-    if m["label_accuracy"] is not None:
-        line += f", label accuracy {m['label_accuracy']:.2f}"
+    case = case_from_args(args, needs_data=args.update is None)
+    cell = Cell(case, args.name, tuple(_attack_settings(args, args.name).items()))
+    result = run_cell(cell, progress=not args.quiet, raise_errors=True)
+    r = result.record
+    if r.status == "declined":
+        raise ConfigError(f"{args.name} does not apply to this case: {r.reason}")
+    line = f"{r.attack} on {case.model}"
+    if case.defenses:
+        line += f" defended by {', '.join(d.name for d in case.defenses)}"
+        line += f" (epsilon {r.dp_epsilon:.2f})" if r.dp_epsilon is not None else ""
+    line += f": {r.seconds:.1f} s"
+    if r.psnr is not None:
+        line += f", PSNR {r.psnr:.2f} dB, SSIM {r.ssim:.3f}"
+        if case.batch_size > 1:
+            n = len(r.psnr_per_sample)
+            line += f", {round(r.recovered_fraction_40db * n)}/{n} samples above 40 dB"
+    if r.label_accuracy is not None:
+        line += f", label accuracy {r.label_accuracy:.2f}"
     if args.out is not None:
         save_run(result, args.out)
         line += f" -> {args.out}/"
@@ -300,92 +394,32 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
-    from gradinv.defenses import parse_defense
-    from gradinv.experiment import setup_client
-    from gradinv.fl import Scenario
-    from gradinv.io import save_model, save_update, write_json_atomic
+    from gradinv.experiments.case import build_client, capture_metadata
+    from gradinv.experiments.save import save_capture
 
     if args.out is None:
         raise ConfigError("capture needs --out FOLDER to write the model and update into")
-    defenses = [parse_defense(d) for d in args.defenses]
-    data = _client_data(args, "capture")
-    client = setup_client(
-        model=args.model,
-        data=data,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        trained_steps=args.trained_steps,
-        train_data=args.train_data,
-        weights=args.weights,
-        num_classes=args.num_classes,
-        model_options=dict(args.model_options),
-    )
-    model, ds, images, labels = client.model, client.dataset, client.images, client.labels
-    protocol = _protocol(args)
-    obs = Scenario.from_images(
-        model,
-        images,
-        labels,
-        normalization=ds.normalization,
-        protocol=protocol,
-        train_mode=args.train_mode,
-        defenses=defenses,
-        seed=args.seed,
-        clients=args.clients,
-    ).observe()
-    save_model(model, args.out / "weights.safetensors")
-    save_update(
-        obs.update,
-        args.out / "update.safetensors",
-        metadata={"protocol": protocol.to_dict(), "defenses": list(obs.defenses), "clients": obs.clients},
-    )
-    write_json_atomic(
-        {
-            "model": args.model,
-            "model_options": dict(args.model_options),
-            "data": str(data),
-            "image_size": args.image_size,
-            "batch_size": args.batch_size,
-            "seed": args.seed,
-            "labels": labels.tolist(),
-            "protocol": protocol.to_dict(),
-            "train_mode": args.train_mode,
-            "defenses": list(obs.defenses),
-            "clients": obs.clients,
-        },
-        args.out / "capture.json",
-    )
-    print(f"wrote {args.out}/weights.safetensors, update.safetensors and capture.json")
+    _check_out(args.out)
+    case = case_from_args(args)
+    client = build_client(case)
+    save_capture(args.out, case, client, metadata=capture_metadata(case, client))
+    if not args.quiet:
+        print(f"wrote {args.out}/weights.safetensors, update.safetensors and capture.json")
     return 0
 
 
 def _cmd_labels(args: argparse.Namespace) -> int:
-    from gradinv.attacks.labels import check_methods
-    from gradinv.label_bench import plot_counts, prepare_case, run_trials, save_trials, summarize
+    from gradinv.experiments.labels import plot_counts, run_label_trials, save_trials, summarize
 
-    check_methods([args.method])  # before any model is built or trained
-    data = _client_data(args, "labels")
-    case = prepare_case(
-        model=args.model,
-        data=data,
-        image_size=args.image_size,
-        seed=args.seed,
-        trained_steps=args.trained_steps,
-        num_classes=args.num_classes,
-        protocol=_protocol(args),
-        train_mode=args.train_mode,
-        model_options=dict(args.model_options),
-        defenses=args.defenses,
-        clients=args.clients,
-    )
-    records = run_trials(case, [args.method], batch_size=args.batch_size, trials=args.trials, seed=args.seed)
+    _check_out(args.out)
+    case = case_from_args(args)
+    records = run_label_trials(case, [args.method], trials=args.trials)
     if not args.quiet:
         for r in records:
-            got = f"recovered {r.labels_recovered}" if r.declined is None else f"declined: {r.declined}"
-            print(f"  seed {r.seed}: true {r.labels_true} {got}")
+            got = f"recovered {r['labels_recovered']}" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
+            print(f"  seed {r['seed']}: true {r['labels_true']} {got}")
     (row,) = summarize(records)
-    line = f"{args.method} on {args.model}, {case.dataset.name}, batch {args.batch_size}: "
+    line = f"{args.method} on {case.model}, {case.data}, batch {case.batch_size}: "
     if row["answered"]:
         line += (
             f"existence {row['existence']:.3f}, count {row['count']:.3f} over {row['answered']}/{row['trials']} "
@@ -395,94 +429,111 @@ def _cmd_labels(args: argparse.Namespace) -> int:
         line += f"declined on every trial: {row['declined_reason']}"
     if args.out is not None:
         save_trials(records, [row], args.out, name="labels")
-        plot_counts(records[:1], case.dataset.num_classes, args.out / "labels.png")
+        plot_counts(records[:1], args.out / "labels.png")
         line += f" -> {args.out}/"
     print(line)
     return 0
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from gradinv.audit import audit, markdown
+    from gradinv.experiments.audit import audit, markdown
 
-    data = _client_data(args, "audit")
+    _check_out(args.out)
+    case = case_from_args(args)
     result = audit(
+        case,
         attacks=args.attacks,
         samples=args.samples,
-        seed=args.seed,
+        attack_settings=_audit_settings(args),
         out=args.out,
+        resume=args.resume,
         progress=not args.quiet,
-        data=data,
-        **_client_options(args),
     )
     print(markdown(result), end="")
     if args.out is not None:
-        print(f"-> {args.out}/audit.md, audit.json, strongest/")
+        print(f"-> {args.out}/audit.md, audit.json, strongest/ (gradinv report {args.out} for report.html)")
     return 0
 
 
-def _client_options(args: argparse.Namespace) -> dict:
-    """The run options that describe the client (``_add_run_options``) and the attack's budget, as
-    :func:`gradinv.experiment.run_attack` takes them."""
-    return {
-        "model": args.model,
-        "model_options": dict(args.model_options),
-        "image_size": args.image_size,
-        "batch_size": args.batch_size,
-        "iterations": args.iterations,
-        "trained_steps": args.trained_steps,
-        "train_data": args.train_data,
-        "weights": args.weights,
-        "num_classes": args.num_classes,
-        "protocol": _protocol(args),
-        "train_mode": args.train_mode,
-        "defenses": args.defenses,
-        "clients": args.clients,
-    }
+def _audit_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """``--iterations``/``--restarts``/``--attack-option`` for each audited attack that has the setting; a setting
+    that no audited attack has is an error."""
+    from gradinv.attacks import ATTACKS
+
+    given = dict(args.attack_options)
+    given.update({k: getattr(args, k) for k in ("iterations", "restarts") if getattr(args, k, None) is not None})
+    out: dict[str, dict[str, Any]] = {}
+    for name in args.attacks:
+        fields = ATTACKS.lookup(name).Settings.__dataclass_fields__
+        mine = {k: v for k, v in given.items() if k in fields}
+        if mine:
+            out[name] = mine
+    unused = sorted(set(given) - {k for mine in out.values() for k in mine})
+    if unused:
+        raise ConfigError(f"no audited attack ({', '.join(args.attacks)}) has the setting(s) {unused}: drop them")
+    return out
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    return _bench_defenses(args) if args.bench == "defenses" else _bench_labels(args)
+    return {"grid": _bench_grid, "defenses": _bench_defenses, "labels": _bench_labels}[args.bench](args)
+
+
+def _grid_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "executor": args.executor,
+        "workers": args.workers,
+        "address": args.address,
+        "threads": args.threads,
+        "resume": args.resume,
+        "progress": not args.quiet,
+    }
+
+
+def _bench_grid(args: argparse.Namespace) -> int:
+    from gradinv.experiments.grid import load_grid, run_grid
+
+    _check_out(args.out)
+    grid = load_grid(args.grid)
+    records = run_grid(grid, args.out, **_grid_options(args))
+    counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "declined", "failed")}
+    print(
+        f"{len(records)} cells ({counts['ok']} ok, {counts['declined']} declined, {counts['failed']} failed) -> "
+        f"{args.out}/report.html, results.csv"
+    )
+    return 0
 
 
 def _bench_defenses(args: argparse.Namespace) -> int:
-    from gradinv.defense_bench import bench_defenses, markdown_table
+    from gradinv.experiments.defenses import bench_defenses, markdown_table
 
-    _check_out(args.out)
+    out = args.out or args.out_default
+    _check_out(out)
     if not args.defenses:
         raise ConfigError("bench defenses needs at least one --defense SPEC (e.g. --defense noise:0.01)")
-    settings = dict(args.attack_options)
-    if args.iterations is not None:
-        settings["iterations"] = args.iterations
+    specs, args.defenses = list(args.defenses), []
+    case = case_from_args(args)
     result = bench_defenses(
+        case,
         attack=args.attack,
-        defenses=args.defenses,
-        model=args.model,
-        model_options=dict(args.model_options),
-        data=args.data,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
+        defenses=specs,
         samples=args.samples,
-        seed=args.seed,
-        attack_settings=settings,
-        trained_steps=args.trained_steps,
+        attack_settings=_attack_settings(args, args.attack),
         utility_steps=args.utility_steps,
-        out=args.out,
-        progress=not args.quiet,
+        out=out,
+        **_grid_options(args),
     )
     print(markdown_table(result["config"], result["summary"]), end="")
-    print(f"-> {args.out}/defenses.md, defenses.json, defenses.png")
+    print(f"-> {out}/defenses.md, defenses.json, defenses.png, report.html")
     return 0
 
 
 def _bench_labels(args: argparse.Namespace) -> int:
     from gradinv.attacks.labels import LABEL_METHODS, check_methods
-    from gradinv.label_bench import bench_labels, plot_accuracy, save_trials
+    from gradinv.experiments.labels import bench_labels, plot_accuracy, save_trials
 
     _check_out(args.out)
     methods = args.methods or sorted(LABEL_METHODS)
     check_methods(methods, allow_auto=False)
-    if any(b < 1 for b in args.batch_sizes):
-        raise ConfigError("--batch-sizes must all be >= 1")
     records, rows = bench_labels(
         methods=methods,
         models=args.models,
@@ -493,11 +544,34 @@ def _bench_labels(args: argparse.Namespace) -> int:
         synthetic_classes=args.synthetic_classes or None,
         image_size=args.image_size,
         seed=args.seed,
-        progress=not args.quiet,
+        out=args.out,
+        **_grid_options(args),
     )
     save_trials(records, rows, args.out, name="labels")
     plot_accuracy(rows, args.out / "labels.png")
     print(f"{len(records)} recoveries over {len(rows)} points -> {args.out}/labels.csv, labels.md, labels.png")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from gradinv.experiments.grid import write_report_for
+
+    html, csv = write_report_for(args.dir)
+    print(f"-> {html}, {csv}")
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from gradinv.experiments.reproduce import ENTRIES, markdown, reproduce
+
+    if args.list:
+        for e in ENTRIES:
+            print(f"  {e.name:<18} {e.paper}: {e.claim}")
+        return 0
+    _check_out(args.out)
+    result = reproduce(scale=args.scale, only=args.only, out=args.out, **_grid_options(args))
+    print(markdown(result), end="")
+    print(f"-> {args.out}/reproduce.md, report.html")
     return 0
 
 
@@ -551,8 +625,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     print("attacks:")
     for name in sorted(ATTACKS):
-        print(f"  {name:<10} {ATTACKS[name].summary}")
-    print("label methods (gradinv labels METHOD):")
+        print(f"  {name:<12} {ATTACKS[name].summary}")
+    print("label methods (gradinv labels METHOD; labels:METHOD in a grid):")
     for name in sorted(LABEL_METHODS):
         m = LABEL_METHODS[name]
         kind = "counts" if m.gives_counts else "set"
@@ -561,18 +635,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for name in sorted(DEFENSES):
         d = DEFENSES[name]
         print(f"  {name:<10} [{d.stage}] {d.summary}")
+    print("protocols (--local-steps; protocols: in a grid): fedsgd, fedavg:local_steps=K,lr=LR,local_batch_size=B")
+    print("servers (--server): honest, imprint[:BINS] (Robbing the Fed), trap[:SCALE] (trap weights)")
     print("models:")
     for name, summary in list_models():
         print(f"  {name:<10} {summary}")
     print("data:")
     for name, summary in list_data_sources():
         print(f"  {name:<10} {summary}")
-    print("  PATH       a folder of images (class sub-folders or flat) or an .npz with images and labels")
+    print("  PATH       a folder of images (class sub-folders or flat) or an .npz file with images and labels")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from gradinv.demo import run_demo
+    from gradinv.experiments.demo import run_demo
 
     _check_out(args.out)
     run_demo(out=args.out, progress=not args.quiet)
@@ -585,23 +661,38 @@ COMMANDS = {
     "labels": _cmd_labels,
     "audit": _cmd_audit,
     "bench": _cmd_bench,
+    "report": _cmd_report,
+    "reproduce": _cmd_reproduce,
     "analyze": _cmd_analyze,
     "list": _cmd_list,
     "demo": _cmd_demo,
 }
 
 
+def _argv(argv: Sequence[str] | None) -> list[str]:
+    """``gradinv bench GRID.yaml ...`` is short for ``gradinv bench grid GRID.yaml ...``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if (
+        len(args) >= 2
+        and args[0] == "bench"
+        and args[1] not in ("grid", "labels", "defenses")
+        and not args[1].startswith("-")
+    ):
+        args.insert(1, "grid")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradinv`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_argv(argv))
     try:
         return COMMANDS[args.command](args)
     except GradinvError as exc:
         sys.stderr.write(f"gradinv: error: {exc}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        sys.stderr.write("gradinv: interrupted\n")
+        sys.stderr.write("gradinv: interrupted (finished cells are kept; rerun with --resume)\n")
         return 130
     except BrokenPipeError:  # output piped into a pager or `head` that closed early
         sys.stderr.close()

@@ -52,8 +52,11 @@ def _check_keys(found: Mapping[str, Tensor], expected: Mapping[str, Tensor], wha
                 f"{what} file '{path}': '{name}' has shape {tuple(found[name].shape)} but the model expects "
                 f"{tuple(t.shape)}: check --model, --image-size and the number of classes"
             )
-        if not torch.isfinite(found[name]).all():
-            raise UpdateFileError(f"{what} file '{path}': '{name}' holds NaN or infinite values")
+        if (found[name].is_floating_point() or found[name].is_complex()) and not torch.isfinite(found[name]).all():
+            raise UpdateFileError(
+                f"{what} file '{path}': '{name}' holds NaN or infinite values: the file is corrupt or was saved "
+                "from a diverged run; save it again from a healthy one"
+            )
 
 
 def load_update(path: str | Path, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -78,11 +81,25 @@ def update_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def load_state_into(model: nn.Module, path: str | Path) -> None:
-    """Load parameters (and buffers, if present) from a safetensors file into ``model``, checking names."""
+    """Load parameters (and buffers, if present) from a safetensors file into ``model``.
+
+    Every parameter must be in the file; buffers (BatchNorm statistics) may be left out, and then keep their
+    values. Names, shapes and finite values are checked for parameters and buffers alike before anything is
+    copied, so a bad file leaves ``model`` untouched."""
     tensors = _read(path, "weights")
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     _check_keys({k: v for k, v in tensors.items() if k in params or k not in buffers}, params, "weights", Path(path))
+    stored_buffers = {k: v for k, v in tensors.items() if k in buffers}
+    _check_keys(stored_buffers, {k: buffers[k] for k in stored_buffers}, "weights", Path(path))
+    for module_name, module in model.named_modules():
+        key = f"{module_name}.running_var" if module_name else "running_var"
+        bad = isinstance(module, nn.modules.batchnorm._BatchNorm) and key in stored_buffers
+        if bad and (stored_buffers[key] < 0).any():
+            raise UpdateFileError(
+                f"weights file '{path}': '{key}' holds negative variances: the file is corrupt; save it again "
+                "from a healthy run"
+            )
     with torch.no_grad():
         for name, t in tensors.items():
             target = params.get(name, buffers.get(name))

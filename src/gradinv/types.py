@@ -9,23 +9,113 @@ in :class:`GroundTruth`, which attacks never receive (``Attack.reconstruct`` rej
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gradinv.data.dataset import Normalization
+from gradinv.errors import ConfigError, ShapeError
+from gradinv.protocol import FedSGD, Protocol
+from gradinv.registry import DEFENSES
 
-if TYPE_CHECKING:
-    from gradinv.fl.protocols import Protocol
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel affine normalisation ``(x - mean) / std``."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        mean = tuple(float(m) for m in self.mean)
+        std = tuple(float(s) for s in self.std)
+        if not mean or len(mean) != len(std):
+            raise ConfigError(
+                f"normalization needs one mean and one std per channel, got {len(mean)} means and "
+                f"{len(std)} stds: pass sequences of equal, non-zero length"
+            )
+        if any(not s > 0 for s in std):
+            raise ConfigError(f"normalization std must be positive, got {std}: use a std > 0 per channel")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+
+    @classmethod
+    def identity(cls, channels: int) -> Normalization:
+        """Normalisation that leaves ``channels``-channel images unchanged."""
+        if channels < 1:
+            raise ConfigError(f"channels must be at least 1, got {channels}")
+        return cls((0.0,) * channels, (1.0,) * channels)
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def _params(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if x.dim() not in (3, 4) or x.shape[-3] != self.channels:
+            raise ShapeError(
+                f"normalization expects a (C,H,W) or (B,C,H,W) tensor with C={self.channels}, got shape "
+                f"{tuple(x.shape)}: convert the images to {self.channels} channel(s) first"
+            )
+        if not (x.is_floating_point() or x.is_complex()):
+            x = x.to(torch.float32)
+        shape = (self.channels, 1, 1) if x.dim() == 3 else (1, self.channels, 1, 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        return x, mean, std
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Map images in [0, 1] to model input space (differentiable, keeps dtype/device)."""
+        x, mean, std = self._params(x)
+        return (x - mean) / std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Inverse of :meth:`normalize`: map model inputs back to image space."""
+        x, mean, std = self._params(x)
+        return x * std + mean
 
 
-def _fedsgd() -> Protocol:
-    from gradinv.fl.protocols import FedSGD
+#: the points of the client's round where a defense acts, in the order they act (:mod:`gradinv.fl.client`)
+STAGES = ("data", "model", "update")
 
-    return FedSGD()
+
+@typing.runtime_checkable
+class ClientDefense(typing.Protocol):
+    """What every defense is (:class:`gradinv.defenses.Defense`): a registry name, the point of the client's
+    round where it acts (``"data"``, ``"model"`` or ``"update"``) and a spec string for saving."""
+
+    name: str
+    stage: str
+
+    def spec(self) -> str: ...
+
+
+def as_defenses(items: Any) -> tuple[ClientDefense, ...]:
+    """Defenses as objects: spec strings are parsed (:data:`gradinv.registry.DEFENSES`), objects kept. A bare
+    string is refused (it is a sequence of characters, not of specs)."""
+    if isinstance(items, str):
+        raise ConfigError(f"defenses is a sequence of defenses, got the string {items!r}: write ({items!r},)")
+    if isinstance(items, ClientDefense):
+        raise ConfigError(f"defenses is a sequence of defenses, got one: write ({items!r},)")
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise ConfigError(f"defenses is a sequence of defenses or spec strings, got {items!r}") from None
+    parsed = []
+    for item in items:
+        if isinstance(item, str):
+            item = DEFENSES.parse(item)
+        elif isinstance(item, type):
+            raise ConfigError(f"defenses are instances, got the class {item.__name__}: write {item.__name__}()")
+        elif not isinstance(item, ClientDefense) or getattr(item, "stage", None) not in STAGES:
+            raise ConfigError(
+                f"a defense must be a Defense (gradinv.defenses) or a spec string such as 'prune:0.9', got {item!r} "
+                "(an object of your own needs name, stage, spec() and transform())"
+            )
+        parsed.append(item)
+    return tuple(parsed)
 
 
 @dataclass(frozen=True)
@@ -77,13 +167,17 @@ class Observation:
     parameters: Mapping[str, Tensor]
     buffers: Mapping[str, Tensor]
     update: Mapping[str, Tensor]
-    protocol: Protocol = field(default_factory=_fedsgd)
+    protocol: Protocol = field(default_factory=FedSGD)
     knowledge: Knowledge = field(default_factory=Knowledge)
     train_mode: bool = False
-    #: the client's defenses, as spec strings (public protocol metadata: the server knows what the client runs)
-    defenses: tuple[str, ...] = ()
+    #: the client's defenses, in order, as :class:`~gradinv.defenses.Defense` objects (public protocol metadata:
+    #: the server knows what the client runs); spec strings given here are parsed, ``.spec()`` writes them back
+    defenses: tuple[ClientDefense, ...] = ()
     #: how many clients' updates the server sees only the weighted mean of (secure aggregation); 1: one client
     clients: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "defenses", as_defenses(self.defenses))
 
     @property
     def update_kind(self) -> str:
@@ -168,12 +262,16 @@ def named_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]
 
 
 __all__ = [
+    "STAGES",
+    "ClientDefense",
     "GroundTruth",
     "Knowledge",
+    "Normalization",
     "Observation",
     "Reconstruction",
     "ThreatModel",
     "TracePoint",
+    "as_defenses",
     "clone_state",
     "named_state",
 ]

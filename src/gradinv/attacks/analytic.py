@@ -13,17 +13,17 @@ Threat model: honest-but-curious server; the layer must see the raw input (the f
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from gradinv.attacks.base import Attack, Callback, register_attack
-from gradinv.attacks.labels import labels_for
-from gradinv.errors import AttackError
+from gradinv._settings import at_least
+from gradinv.attacks.base import Attack, AttackOutput, Callback, register_attack
+from gradinv.attacks.labels import label_declines, label_method_problems, labels_for
+from gradinv.errors import AttackError, ConfigError
 from gradinv.models import classifier_layer
-from gradinv.types import Observation, Reconstruction
+from gradinv.types import Observation
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,12 @@ class AnalyticSettings:
     layer: str | None = None  # name of the fully connected layer to invert; default: the first one
     label_method: str = "auto"
     duplicate_tolerance: float = 1e-3  # batches: rows whose inputs agree this closely (relative L2) are one sample
+
+    def problems(self) -> list[str]:
+        return [
+            *label_method_problems(self.label_method),
+            *at_least("duplicate_tolerance", self.duplicate_tolerance, 0),
+        ]
 
 
 def _first_linear(model: nn.Module) -> str:
@@ -43,6 +49,12 @@ def _first_linear(model: nn.Module) -> str:
                 "layer: the analytic attack inverts a fully connected first layer (try invgrad or dlg)"
             )
     raise AttackError("the model has no layer with parameters")
+
+
+def _distinct_labels_problem(labels: torch.Tensor, batch: int) -> str | None:
+    if len(torch.unique(labels)) != batch:
+        return "the analytic batch rule needs distinct labels (one input per label)"
+    return None
 
 
 def invert_rows(weight_grad: Tensor, bias_grad: Tensor) -> Tensor:
@@ -72,6 +84,33 @@ class AnalyticFC(Attack):
     Settings = AnalyticSettings
     requires = ("num_samples",)
 
+    def _unmet_assumptions(self, observation: Observation) -> list[str]:
+        model, update = observation.model, observation.update
+        try:
+            first = _first_linear(model)
+        except AttackError as err:
+            return [str(err)]
+        name = self.settings.layer or first
+        modules = dict(model.named_modules())
+        if name not in modules:
+            linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+            raise ConfigError(
+                f"analytic setting layer={name!r}: the model has no such layer; its linear layers: {linear}"
+            )
+        reasons = []
+        if not isinstance(modules[name], nn.Linear):
+            reasons.append(f"'{name}' is not a fully connected layer of this model")
+        elif modules[name].bias is None or f"{name}.bias" not in update:
+            reasons.append(f"layer '{name}' has no bias: the analytic attack needs a bias gradient")
+        elif float(update[f"{name}.bias"].abs().sum()) == 0:
+            reasons.append("every bias gradient is zero: the layer's input cannot be read from this update")
+        batch, known = int(observation.knowledge.num_samples), observation.knowledge.labels
+        if batch > 1 and classifier_layer(model)[0] == first:  # the batch rule: one input per label
+            reasons += label_declines(observation, self.settings.label_method)
+            if known is not None and (problem := _distinct_labels_problem(known, batch)):
+                reasons.append(problem)
+        return reasons
+
     def _reconstruct(
         self,
         observation: Observation,
@@ -79,8 +118,7 @@ class AnalyticFC(Attack):
         generator: torch.Generator,
         progress: bool,
         callback: Callback | None,
-    ) -> Reconstruction:
-        start = time.perf_counter()
+    ) -> AttackOutput:
         k = observation.knowledge
         model = observation.model
         batch = int(k.num_samples)
@@ -89,11 +127,6 @@ class AnalyticFC(Attack):
         first = _first_linear(model)
         per_label = batch > 1 and classifier_layer(model)[0] == first  # a linear model: one input per label
         name = self.settings.layer or first
-        layer = dict(model.named_modules()).get(name)
-        if not isinstance(layer, nn.Linear):
-            raise AttackError(f"'{name}' is not a fully connected layer of this model")
-        if layer.bias is None or f"{name}.bias" not in observation.update:
-            raise AttackError(f"layer '{name}' has no bias: the analytic attack needs a bias gradient")
         gw = observation.update[f"{name}.weight"]
         gb = observation.update[f"{name}.bias"]
         extras: dict = {}
@@ -107,8 +140,8 @@ class AnalyticFC(Attack):
             extras.update(found)
         else:
             labels, label_source = labels_for(observation, method=self.settings.label_method)
-            if len(torch.unique(labels)) != batch:
-                raise AttackError("the analytic batch rule needs distinct labels (one input per label)")
+            if problem := _distinct_labels_problem(labels, batch):  # recovered labels: known only now
+                raise AttackError(problem)
             rows = torch.stack([gw[c].double() / gb[c].double() for c in labels.tolist()])
         x = rows.float()
         if k.input_shape is not None and math.prod(k.input_shape) == x.shape[1]:
@@ -117,16 +150,10 @@ class AnalyticFC(Attack):
             labels, label_source = observation.knowledge.labels.clone(), "knowledge"
         elif labels is None:
             labels, label_source = labels_for(observation, method=self.settings.label_method)
-        return Reconstruction(
+        return AttackOutput(
             inputs=x,
             labels=labels,
-            attack=self.name,
-            settings={
-                "layer": name,
-                "label_method": self.settings.label_method,
-                "label_source": label_source,
-            },
-            seconds=time.perf_counter() - start,
-            normalization=k.normalization,
+            label_source=label_source,
+            settings={"layer": name},
             extras={**extras, "float64_inputs": rows},
         )

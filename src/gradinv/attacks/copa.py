@@ -42,12 +42,20 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from gradinv.attacks.base import Attack, Callback, register_attack
+from gradinv._settings import above, at_least, one_of
+from gradinv.attacks.base import Attack, AttackOutput, Callback, register_attack
 from gradinv.attacks.components.chain import ChainLayer
-from gradinv.attacks.labels import labels_for
-from gradinv.attacks.rgap import descend, input_gradient, layer_output, start_recursion, weight_gradient
+from gradinv.attacks.labels import label_declines, label_method_problems, labels_for
+from gradinv.attacks.rgap import (
+    descend,
+    input_gradient,
+    layer_output,
+    recursion_declines,
+    start_recursion,
+    weight_gradient,
+)
 from gradinv.errors import ConfigError
-from gradinv.types import Observation, Reconstruction, TracePoint
+from gradinv.types import Observation, TracePoint
 
 INITS = ("zero", "rgap")
 MAX_DAMPING_TRIES = 30  # a step is abandoned after this many damping increases without a decrease
@@ -65,6 +73,15 @@ class COPASettings:
     init: str = "zero"
     damping: float = 1e-3  # initial damping relative to the mean diagonal of J^T J
     smooth: float = 0.0  # > 0: a first stage adds this weight x the RMS of neighbouring-pixel differences
+
+    def problems(self) -> list[str]:
+        return [
+            *label_method_problems(self.label_method),
+            *at_least("iterations", self.iterations, 1),
+            *one_of("init", self.init, INITS),
+            *above("damping", self.damping, 0),
+            *at_least("smooth", self.smooth, 0),
+        ]
 
 
 def joint_residual(
@@ -190,22 +207,18 @@ class COPA(Attack):
     Settings = COPASettings
     requires = ("input_shape", "num_samples")
 
+    def _unmet_assumptions(self, observation: Observation) -> list[str]:
+        return recursion_declines(observation, "COPA") + label_declines(observation, self.settings.label_method)
+
     def _reconstruct(
         self, observation: Observation, *, generator: torch.Generator, progress: bool, callback: Callback | None
-    ) -> Reconstruction:
+    ) -> AttackOutput:
         s = self.settings
-        if s.init not in INITS:
-            raise ConfigError(f"COPA init must be one of {', '.join(INITS)}, got {s.init!r}")
-        if s.iterations < 1:
-            raise ConfigError(f"COPA needs at least 1 iteration, got {s.iterations}")
-        if not s.smooth >= 0:
-            raise ConfigError(f"COPA's smooth weight must be >= 0, got {s.smooth}")
-        if not s.damping > 0:
-            raise ConfigError(f"COPA's damping must be > 0, got {s.damping}")
         start = time.perf_counter()
         k = observation.knowledge
         shape = (1, *k.input_shape)
-        chain, x, grad_x, residuals = start_recursion(observation, "COPA")
+        differences = pixel_differences(tuple(k.input_shape)) if s.smooth > 0 else None  # ConfigError if not images
+        chain, x, grad_x, residuals = start_recursion(observation)
         found = descend(observation, chain, x, grad_x, residuals, stop_at_deficient=True)
         extras: dict = {"residuals": found.residuals, "deficient_layer": None, "joint_layers": []}
         trace: tuple[TracePoint, ...] = ()
@@ -219,7 +232,7 @@ class COPA(Attack):
             residual = joint_residual(observation, chain, found.stop, found.u, found.delta)
             stages = [residual]
             if s.smooth > 0:  # the prior picks the basin and the null-space part; the last stage drops it
-                differences, weight = pixel_differences(tuple(k.input_shape)), math.sqrt(s.smooth)
+                weight = math.sqrt(s.smooth)
                 stages.insert(0, lambda x: torch.cat([residual(x), weight * differences(x)]))
             solution, points, steps = x0, [], 0
             for stage in stages:
@@ -245,13 +258,10 @@ class COPA(Attack):
                 steps=steps,
             )
         labels, label_source = labels_for(observation, method=s.label_method)
-        return Reconstruction(
+        return AttackOutput(
             inputs=image.float(),
             labels=labels,
-            attack=self.name,
-            settings={**self.settings_dict(), "label_source": label_source},
-            seconds=time.perf_counter() - start,
-            normalization=k.normalization,
+            label_source=label_source,
             trace=trace,
             extras={**extras, "float64_inputs": image},
         )

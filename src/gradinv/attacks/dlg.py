@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradinv.attacks.base import Attack, Callback, register_attack
+from gradinv._settings import above, at_least, one_of
+from gradinv.attacks.base import Attack, AttackOutput, Callback, register_attack
 from gradinv.attacks.components.lbfgs import lbfgs_match
-from gradinv.attacks.components.objectives import OBJECTIVES, check_matching_settings
+from gradinv.attacks.components.objectives import OBJECTIVES
 from gradinv.attacks.components.replay import matching_cost
+from gradinv.attacks.labels import label_declines, label_method_problems
 from gradinv.models import classifier_layer
-from gradinv.types import Observation, Reconstruction
+from gradinv.types import Observation
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,19 @@ class LBFGSMatchingSettings:
     #: match only the entries a pruning defense sent (see ``replay.matching_cost``)
     adaptive: bool = True
 
+    def problems(self) -> list[str]:
+        return [
+            *at_least("iterations", self.iterations, 1),
+            *at_least("inner_iterations", self.inner_iterations, 1),
+            *at_least("restarts", self.restarts, 1),
+            *above("lr", self.lr, 0),
+            *at_least("history_size", self.history_size, 1),
+            *one_of("line_search", self.line_search, [None, "strong_wolfe"]),
+            *one_of("objective", self.objective, sorted(OBJECTIVES)),
+            *label_method_problems(self.label_method),
+            *at_least("log_every", self.log_every, 1),
+        ]
+
 
 class _LBFGSAttack(Attack):
     """DLG and iDLG: L-BFGS on dummy data; they differ in where the labels come from."""
@@ -50,6 +65,9 @@ class _LBFGSAttack(Attack):
     def _labels(self, observation: Observation) -> tuple[Tensor | None, str]:
         raise NotImplementedError
 
+    def _unmet_assumptions(self, observation: Observation) -> list[str]:
+        return label_declines(observation, self.settings.label_method)
+
     def _reconstruct(
         self,
         observation: Observation,
@@ -57,14 +75,13 @@ class _LBFGSAttack(Attack):
         generator: torch.Generator,
         progress: bool,
         callback: Callback | None,
-    ) -> Reconstruction:
+    ) -> AttackOutput:
         s = self.settings
-        check_matching_settings(self.name, s)
         start = time.perf_counter()
         k = observation.knowledge
         labels, label_source = self._labels(observation)
         labels = None if labels is None else labels.to(observation.device)
-        num_classes = classifier_layer(observation.model)[1].out_features
+        num_classes = None if labels is not None else classifier_layer(observation.model)[1].out_features
         match = matching_cost(observation, objective=OBJECTIVES[s.objective], adaptive=s.adaptive)
 
         def cost(x: Tensor, y: Tensor | None) -> Tensor:
@@ -100,13 +117,10 @@ class _LBFGSAttack(Attack):
                 best = (x, y, value, r)
         x, y, _, best_restart = best
         out_labels = labels if labels is not None else torch.argmax(y, dim=-1)
-        return Reconstruction(
+        return AttackOutput(
             inputs=x,
             labels=out_labels,
-            attack=self.name,
-            settings={**self.settings_dict(), "label_source": label_source},
-            seconds=time.perf_counter() - start,
-            normalization=k.normalization,
+            label_source=label_source,
             trace=tuple(trace),
             extras={"restart_costs": restart_costs, "best_restart": best_restart, **counts},
         )
@@ -121,3 +135,6 @@ class DLG(_LBFGSAttack):
         if observation.knowledge.labels is not None:
             return observation.knowledge.labels.clone(), "knowledge"
         return None, "optimised"
+
+    def _unmet_assumptions(self, observation: Observation) -> list[str]:
+        return label_declines(observation, None)  # soft labels over the classifier's classes

@@ -22,19 +22,19 @@ batch size; :func:`score_recovered` scores such a set against the true images.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from gradinv.attacks.base import Attack, Callback, register_attack
-from gradinv.attacks.labels import labels_for
+from gradinv._settings import at_least
+from gradinv.attacks.base import Attack, AttackOutput, Callback, register_attack
+from gradinv.attacks.labels import label_method_problems, labels_for
 from gradinv.errors import AttackError, GradinvError, ShapeError
 from gradinv.fl.malicious import ImprintBlock, ImprintedModel, TrappedModel
 from gradinv.metrics.image import psnr
-from gradinv.types import Observation, Reconstruction
+from gradinv.types import Observation
 
 __all__ = ["RecoveryScores", "RobbingTheFed", "TrapWeights", "score_recovered"]
 
@@ -111,6 +111,19 @@ class RobbingTheFedSettings:
     min_relative_weight: float = 1e-6
     label_method: str = "auto"
 
+    def problems(self) -> list[str]:
+        return [
+            *at_least("min_relative_weight", self.min_relative_weight, 0),
+            *label_method_problems(self.label_method),
+        ]
+
+
+def _planted_layer_declines(observation: Observation, name: str) -> list[str]:
+    update = observation.update
+    if f"{name}.weight" not in update or f"{name}.bias" not in update:
+        return [f"the update has no weight and bias for the layer '{name}' the server planted"]
+    return []
+
 
 @register_attack
 class RobbingTheFed(Attack):
@@ -119,6 +132,18 @@ class RobbingTheFed(Attack):
     Settings = RobbingTheFedSettings
     requires = ()
 
+    def _unmet_assumptions(self, observation: Observation) -> list[str]:
+        model = observation.model
+        if not isinstance(model, ImprintedModel) or not isinstance(getattr(model, "imprint", None), ImprintBlock):
+            return [
+                "rtf needs a model sent by a malicious Robbing-the-Fed server, with an imprint block: simulate one "
+                "with ThreatModel(server=ImprintServer(...)) from gradinv.fl.malicious"
+            ]
+        reasons = _planted_layer_declines(observation, "imprint.measure")
+        if not reasons and not bool(observation.update["imprint.measure.bias"].any()):
+            reasons.append("every bin's bias update is zero: no sample reached the imprint block's bins")
+        return reasons
+
     def _reconstruct(
         self,
         observation: Observation,
@@ -126,14 +151,8 @@ class RobbingTheFed(Attack):
         generator: torch.Generator,
         progress: bool,
         callback: Callback | None,
-    ) -> Reconstruction:
-        start = time.perf_counter()
+    ) -> AttackOutput:
         model = observation.model
-        if not isinstance(model, ImprintedModel) or not isinstance(getattr(model, "imprint", None), ImprintBlock):
-            raise AttackError(
-                "rtf needs a model sent by a malicious Robbing-the-Fed server, with an imprint block: simulate one "
-                "with ThreatModel(server=ImprintServer(...)) from gradinv.fl.malicious"
-            )
         gw, gb = _updates(observation, "imprint.measure")
         c = -observation.parameters["imprint.measure.bias"].double()
         order = torch.argsort(c)
@@ -155,17 +174,10 @@ class RobbingTheFed(Attack):
         in_bin = (s > c[occupied]) & (s <= upper[occupied])
         shape = _shape(observation, model, x.shape[1])
         labels, label_source = _labels(observation, self.settings.label_method)
-        return Reconstruction(
+        return AttackOutput(
             inputs=x.float().reshape(-1, *shape),
             labels=labels,
-            attack=self.name,
-            settings={
-                "min_relative_weight": self.settings.min_relative_weight,
-                "label_method": self.settings.label_method,
-                "label_source": label_source,
-            },
-            seconds=time.perf_counter() - start,
-            normalization=observation.knowledge.normalization,
+            label_source=label_source,
             extras={
                 "bins": int(c.numel()),
                 "occupied_bins": int(occupied.numel()),
@@ -231,6 +243,12 @@ class TrapWeightsSettings:
     duplicate_tolerance: float = 1e-3
     label_method: str = "auto"
 
+    def problems(self) -> list[str]:
+        return [
+            *at_least("duplicate_tolerance", self.duplicate_tolerance, 0),
+            *label_method_problems(self.label_method),
+        ]
+
 
 @register_attack
 class TrapWeights(Attack):
@@ -249,6 +267,17 @@ class TrapWeights(Attack):
     Settings = TrapWeightsSettings
     requires = ()
 
+    def _unmet_assumptions(self, observation: Observation) -> list[str]:
+        model = observation.model
+        name = getattr(model, "trap_layer", None) if isinstance(model, TrappedModel) else None
+        layer = dict(model.named_modules()).get(name) if isinstance(name, str) else None
+        if not isinstance(layer, nn.Linear):
+            return [
+                "trap-weights needs a model sent by a malicious trap-weights server: simulate one with "
+                "ThreatModel(server=TrapWeightsServer(...)) from gradinv.fl.malicious"
+            ]
+        return _planted_layer_declines(observation, name)
+
     def _reconstruct(
         self,
         observation: Observation,
@@ -256,28 +285,13 @@ class TrapWeights(Attack):
         generator: torch.Generator,
         progress: bool,
         callback: Callback | None,
-    ) -> Reconstruction:
-        start = time.perf_counter()
-        model = observation.model
-        name = getattr(model, "trap_layer", None) if isinstance(model, TrappedModel) else None
-        layer = dict(model.named_modules()).get(name) if isinstance(name, str) else None
-        if not isinstance(layer, nn.Linear):
-            raise AttackError(
-                "trap-weights needs a model sent by a malicious trap-weights server: simulate one with "
-                "ThreatModel(server=TrapWeightsServer(...)) from gradinv.fl.malicious"
-            )
+    ) -> AttackOutput:
+        name = observation.model.trap_layer
         x, shape, found = row_inputs(observation, name, tolerance=self.settings.duplicate_tolerance)
         labels, label_source = _labels(observation, self.settings.label_method)
-        return Reconstruction(
+        return AttackOutput(
             inputs=x.float().reshape(-1, *shape),
             labels=labels,
-            attack=self.name,
-            settings={
-                "duplicate_tolerance": self.settings.duplicate_tolerance,
-                "label_method": self.settings.label_method,
-                "label_source": label_source,
-            },
-            seconds=time.perf_counter() - start,
-            normalization=observation.knowledge.normalization,
+            label_source=label_source,
             extras={"layer": name, **found, "labels_aligned": False},
         )

@@ -17,11 +17,13 @@ import torch
 from torch.func import grad_and_value, vmap
 from tqdm.auto import tqdm
 
-from gradinv.attacks.base import Attack, Callback, register_attack
-from gradinv.attacks.components.objectives import OBJECTIVES, check_matching_settings
+from gradinv._settings import above, at_least, one_of
+from gradinv.attacks.base import Attack, AttackOutput, Callback, register_attack
+from gradinv.attacks.components.budget import check_restarts
+from gradinv.attacks.components.objectives import OBJECTIVES
 from gradinv.attacks.components.replay import box_bounds, matching_cost
-from gradinv.attacks.labels import labels_for
-from gradinv.types import Observation, Reconstruction, TracePoint
+from gradinv.attacks.labels import label_declines, label_method_problems, labels_for
+from gradinv.types import Observation, TracePoint
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,17 @@ class InvertingGradientsSettings:
     #: match only the entries a pruning defense sent (see ``replay.matching_cost``)
     adaptive: bool = True
 
+    def problems(self) -> list[str]:
+        return [
+            *at_least("iterations", self.iterations, 1),
+            *at_least("restarts", self.restarts, 1),
+            *above("lr", self.lr, 0),
+            *at_least("tv_weight", self.tv_weight, 0),
+            *one_of("objective", self.objective, sorted(OBJECTIVES)),
+            *label_method_problems(self.label_method),
+            *at_least("log_every", self.log_every, 1),
+        ]
+
 
 @register_attack
 class InvertingGradients(Attack):
@@ -49,6 +62,9 @@ class InvertingGradients(Attack):
     Settings = InvertingGradientsSettings
     requires = ("input_shape", "num_samples")
 
+    def _unmet_assumptions(self, observation: Observation) -> list[str]:
+        return label_declines(observation, self.settings.label_method)
+
     def _reconstruct(
         self,
         observation: Observation,
@@ -56,9 +72,9 @@ class InvertingGradients(Attack):
         generator: torch.Generator,
         progress: bool,
         callback: Callback | None,
-    ) -> Reconstruction:
+    ) -> AttackOutput:
         s = self.settings
-        check_matching_settings(self.name, s)
+        check_restarts(observation, s.restarts, attack=self.name)  # before the restarts' inputs are allocated
         start = time.perf_counter()
         k = observation.knowledge
         labels, label_source = labels_for(observation, method=s.label_method)
@@ -92,13 +108,10 @@ class InvertingGradients(Attack):
         with torch.no_grad():
             final = vmap(cost, in_dims=(0, None))(x.detach(), labels)
         best = int(torch.argmin(final))
-        return Reconstruction(
+        return AttackOutput(
             inputs=x.detach()[best].clone(),
             labels=labels,
-            attack=self.name,
-            settings={**self.settings_dict(), "label_source": label_source},
-            seconds=time.perf_counter() - start,
-            normalization=k.normalization,
+            label_source=label_source,
             trace=tuple(trace),
             extras={"restart_costs": final.tolist(), "best_restart": best},
         )

@@ -14,18 +14,16 @@ the inverse of the system's smallest singular value (see bench/recursive.py).
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import Tensor
 
-from gradinv.attacks.base import Attack, Callback, LabelSettings, register_attack
+from gradinv.attacks.base import Attack, AttackOutput, Callback, LabelSettings, register_attack
 from gradinv.attacks.components.chain import ChainLayer, layer_chain
-from gradinv.attacks.labels import labels_for
+from gradinv.attacks.labels import label_declines, labels_for
 from gradinv.attacks.rgap import classifier_input, gradient_system, solve_psd
 from gradinv.errors import AttackError
 from gradinv.fl.protocols import FedSGD
-from gradinv.types import Observation, Reconstruction
+from gradinv.types import Observation
 
 RELU_RTOL = 1e-7  # a ReLU output below this fraction of the largest is read as zero (inactive unit)
 
@@ -45,22 +43,31 @@ class PPDLSPN(Attack):
     Settings = LabelSettings
     requires = ("input_shape", "num_samples")
 
-    def _reconstruct(
-        self, observation: Observation, *, generator: torch.Generator, progress: bool, callback: Callback | None
-    ) -> Reconstruction:
-        start = time.perf_counter()
+    def _unmet_assumptions(self, observation: Observation) -> list[str]:
         k = observation.knowledge
+        reasons = []
         if int(k.num_samples) != 1 or not isinstance(observation.protocol, FedSGD):
-            raise AttackError("PPDL-SPN inverts the FedSGD gradient of one sample: use batch 1 and FedSGD")
-        chain = layer_chain(observation.model, tuple(k.input_shape))
+            reasons.append("PPDL-SPN inverts the FedSGD gradient of one sample: use batch 1 and FedSGD")
+        try:
+            chain = layer_chain(observation.model, tuple(k.input_shape))
+        except AttackError as err:
+            return [*reasons, str(err)]
         if len(chain) != 2 or chain[0].kind != "conv" or chain[1].kind != "linear" or chain[1].module.bias is None:
-            raise AttackError(
+            reasons.append(
                 "PPDL-SPN's setting is one convolution, an activation and a fully connected classifier with a bias; "
                 "for deeper chains use rgap"
             )
-        conv, head = chain
-        if conv.activation not in ("relu", "leaky_relu", "sigmoid", "tanh", "identity"):
-            raise AttackError(f"PPDL-SPN cannot read the derivative of {conv.activation}")
+        elif chain[0].activation not in ("relu", "leaky_relu", "sigmoid", "tanh", "identity"):
+            reasons.append(f"PPDL-SPN cannot read the derivative of {chain[0].activation}")
+        elif (db := observation.update.get(f"{chain[1].name}.bias")) is None or float(db.norm()) == 0:
+            reasons.append("the classifier's bias gradient is zero: the layer's input cannot be read from it")
+        return reasons + label_declines(observation, self.settings.label_method)
+
+    def _reconstruct(
+        self, observation: Observation, *, generator: torch.Generator, progress: bool, callback: Callback | None
+    ) -> AttackOutput:
+        k = observation.knowledge
+        conv, head = layer_chain(observation.model, tuple(k.input_shape))
         h, grad_h, _ = classifier_input(observation, head)
         h = h.reshape(conv.out_shape)
         delta = grad_h.reshape(conv.out_shape) * _derivative_from_output(conv, h)
@@ -72,12 +79,9 @@ class PPDLSPN(Attack):
         )
         residual = float((predicted - grad_weight).norm() / grad_weight.norm())
         labels, label_source = labels_for(observation, method=self.settings.label_method)
-        return Reconstruction(
+        return AttackOutput(
             inputs=x.float(),
             labels=labels,
-            attack=self.name,
-            settings={**self.settings_dict(), "label_source": label_source},
-            seconds=time.perf_counter() - start,
-            normalization=k.normalization,
+            label_source=label_source,
             extras={"gradient_residual": residual, "float64_inputs": x},
         )

@@ -17,19 +17,18 @@ two blocks are balanced by their traces; the system being consistent, the weight
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradinv.attacks.base import Attack, Callback, LabelSettings, register_attack
+from gradinv.attacks.base import Attack, AttackOutput, Callback, LabelSettings, register_attack
 from gradinv.attacks.components.chain import ChainLayer, layer_chain
-from gradinv.attacks.labels import labels_for
+from gradinv.attacks.labels import label_declines, labels_for
 from gradinv.errors import AttackError
 from gradinv.fl.protocols import FedSGD
-from gradinv.types import Observation, Reconstruction
+from gradinv.types import Observation
 
 PIVOT_RTOL = 1e-12  # below this relative pivot the joint system is treated as rank-deficient
 
@@ -170,23 +169,38 @@ def input_gradient(layer: ChainLayer, weight: Tensor, delta: Tensor) -> Tensor:
     return torch.nn.grad.conv2d_input((1, *layer.in_shape), w, delta[None], stride=conv.stride, padding=conv.padding)[0]
 
 
-def start_recursion(observation: Observation, attack: str) -> tuple[list[ChainLayer], Tensor, Tensor, list[dict]]:
-    """Check the setting of a recursive attack and read the classifier: the chain, the classifier's input
-    ``x = dW^T db / |db|^2``, its gradient ``W^T db`` and the first residual record."""
+def recursion_declines(observation: Observation, attack: str) -> list[str]:
+    """Why a recursive attack (R-GAP, COPA) cannot run on ``observation``: it needs the FedSGD gradient of one
+    sample through a plain chain of layers with invertible activations, ending in a classifier with a bias
+    whose bias gradient is not zero. An empty list when it can run (labels aside: see ``label_declines``)."""
     k = observation.knowledge
+    reasons = []
     if int(k.num_samples) != 1:
-        raise AttackError(f"{attack} recovers one sample, the update holds {k.num_samples}: use batch 1")
+        reasons.append(f"{attack} recovers one sample, the update holds {k.num_samples}: use batch 1")
     if not isinstance(observation.protocol, FedSGD):
-        raise AttackError(f"{attack} inverts a FedSGD gradient; this update is a FedAvg weight delta")
+        reasons.append(f"{attack} inverts a FedSGD gradient; this update is a FedAvg weight delta")
     if observation.train_mode:
-        raise AttackError(f"{attack} needs the model as a plain chain; train-mode BatchNorm is not one")
-    chain = layer_chain(observation.model, tuple(k.input_shape))
+        reasons.append(f"{attack} needs the model as a plain chain; train-mode BatchNorm is not one")
+    try:
+        chain = layer_chain(observation.model, tuple(k.input_shape))
+    except AttackError as err:
+        return [*reasons, str(err)]
     head = chain[-1]
     if head.kind != "linear" or head.module.bias is None or head.activation != "identity":
-        raise AttackError(f"{attack} starts from a fully connected classifier with a bias as the last layer")
+        reasons.append(f"{attack} starts from a fully connected classifier with a bias as the last layer")
+    elif (db := observation.update.get(f"{head.name}.bias")) is None or float(db.norm()) == 0:
+        reasons.append("the classifier's bias gradient is zero: the layer's input cannot be read from it")
     for layer in chain[:-1]:
         if not layer.invertible:
-            raise AttackError(f"the {layer.activation} after '{layer.name}' is not invertible: {attack} cannot pass it")
+            reasons.append(f"the {layer.activation} after '{layer.name}' is not invertible: {attack} cannot pass it")
+    return reasons
+
+
+def start_recursion(observation: Observation) -> tuple[list[ChainLayer], Tensor, Tensor, list[dict]]:
+    """Read the classifier of an observation :func:`recursion_declines` accepts: the chain, the classifier's
+    input ``x = dW^T db / |db|^2``, its gradient ``W^T db`` and the first residual record."""
+    chain = layer_chain(observation.model, tuple(observation.knowledge.input_shape))
+    head = chain[-1]
     x, grad_x, residual = classifier_input(observation, head)
     return chain, x, grad_x, [{"layer": head.name, "forward": 0.0, "gradient": residual, "full_rank": True}]
 
@@ -260,20 +274,19 @@ class RGAP(Attack):
     Settings = LabelSettings
     requires = ("input_shape", "num_samples")
 
+    def _unmet_assumptions(self, observation: Observation) -> list[str]:
+        return recursion_declines(observation, "R-GAP") + label_declines(observation, self.settings.label_method)
+
     def _reconstruct(
         self, observation: Observation, *, generator: torch.Generator, progress: bool, callback: Callback | None
-    ) -> Reconstruction:
-        start = time.perf_counter()
+    ) -> AttackOutput:
         k = observation.knowledge
-        chain, x, grad_x, residuals = start_recursion(observation, "R-GAP")
+        chain, x, grad_x, residuals = start_recursion(observation)
         image = descend(observation, chain, x, grad_x, residuals).x.reshape(1, *k.input_shape)
         labels, label_source = labels_for(observation, method=self.settings.label_method)
-        return Reconstruction(
+        return AttackOutput(
             inputs=image.float(),
             labels=labels,
-            attack=self.name,
-            settings={**self.settings_dict(), "label_source": label_source},
-            seconds=time.perf_counter() - start,
-            normalization=k.normalization,
+            label_source=label_source,
             extras={"residuals": residuals, "float64_inputs": image},
         )

@@ -8,8 +8,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gradinv.data.builtin import PHOTO_NAMES, available_photos, load_digits, load_photos, load_synthetic
-from gradinv.data.dataset import ImageDataset, Normalization, channel_stats, sample_batch
+from gradinv.data.builtin import (
+    PHOTO_NAMES,
+    _raw_digits,
+    available_photos,
+    load_digits,
+    load_photos,
+    load_synthetic,
+    synthetic_size,
+)
+from gradinv.data.dataset import (
+    ImageDataset,
+    Normalization,
+    channel_stats,
+    check_images_fit,
+    image_bytes,
+    sample_batch,
+)
 from gradinv.data.folder import IMAGE_EXTENSIONS, load_folder, load_npz
 from gradinv.data.transforms import center_crop_resize, to_channels
 from gradinv.errors import ConfigError, DataError
@@ -26,6 +41,7 @@ __all__ = [
     "available_photos",
     "center_crop_resize",
     "channel_stats",
+    "check_images_fit",
     "list_data_sources",
     "load_dataset",
     "load_digits",
@@ -34,6 +50,7 @@ __all__ = [
     "load_photos",
     "load_synthetic",
     "sample_batch",
+    "synthetic_size",
     "to_channels",
 ]
 
@@ -71,6 +88,22 @@ def _synthetic_classes(source: str) -> int:
         ) from None
 
 
+def _check_conversion(source: str, count: int, have: int, want: int | None, image_size: int) -> None:
+    """Refuse a channel conversion whose peak (the loaded images, the converted copy and, for luma, one
+    channel of temporary) does not fit in memory."""
+    if want is None or want == have:
+        return
+    check_images_fit(
+        source,
+        count=count,
+        channels=have,
+        image_size=image_size,
+        extra_bytes=image_bytes(count, want + (1 if want < have else 0), image_size),
+        detail=f", then a {want}-channel copy",
+        fix="lower --image-size",
+    )
+
+
 def load_dataset(source: str | Path, *, image_size: int = 32, channels: int | None = None) -> ImageDataset:
     """Load ``"digits"``, ``"photos"``, a folder of images or an ``.npz`` file as square images.
 
@@ -90,6 +123,10 @@ def load_dataset(source: str | Path, *, image_size: int = 32, channels: int | No
         dataset = load_synthetic(num_classes=_synthetic_classes(source), image_size=image_size)
     elif isinstance(source, str) and source.strip().lower() in BUILTIN_SOURCES:
         key = source.strip().lower()
+        if key == "digits":  # the whole peak, checked before anything is allocated
+            _check_conversion("data source 'digits'", len(_raw_digits()[1]), 1, channels, image_size)
+        else:
+            _check_conversion("data source 'photos'", len(PHOTO_NAMES), 3, channels, image_size)
         dataset = load_digits(image_size=image_size) if key == "digits" else load_photos(image_size=image_size)
     elif isinstance(source, (str, Path)):
         path = Path(source).expanduser()
@@ -112,6 +149,7 @@ def load_dataset(source: str | Path, *, image_size: int = 32, channels: int | No
 
     if channels is None or channels == dataset.channels:
         return dataset
+    _check_conversion(f"data source '{source}'", len(dataset), dataset.channels, channels, image_size)
     return ImageDataset.from_tensors(
         dataset.name,
         to_channels(dataset.images, channels).clamp_(0.0, 1.0),

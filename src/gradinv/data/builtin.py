@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradinv.data.dataset import ImageDataset
+from gradinv.data.dataset import ImageDataset, check_images_fit
 from gradinv.data.transforms import center_crop_resize, to_channels
 from gradinv.errors import ConfigError, DataError
 
@@ -61,6 +61,9 @@ def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
 def load_digits(*, image_size: int = 32) -> ImageDataset:
     """scikit-learn's handwritten digits as 1-channel ``image_size`` px images in [0, 1], labels 0..9."""
     raw, targets = _raw_digits()
+    check_images_fit(
+        "data source 'digits'", count=len(targets), channels=1, image_size=image_size, fix="lower --image-size"
+    )
     images = torch.from_numpy(np.array(raw, dtype=np.float32) / 16.0).unsqueeze(1)
     images = center_crop_resize(images, image_size).clamp_(0.0, 1.0)
     labels = torch.from_numpy(np.array(targets))
@@ -115,7 +118,11 @@ def load_photos(*, image_size: int = 32, names: Sequence[str] | None = None) -> 
     names = tuple(PHOTO_NAMES if names is None else names)
     if not names:
         raise ConfigError(f"no photo names given: choose from {', '.join(PHOTO_NAMES)}")
-    loaded, images, failed = [], [], []
+    check_images_fit(
+        "data source 'photos'", count=len(names), channels=3, image_size=image_size, fix="lower --image-size"
+    )
+    loaded, failed = [], []
+    images = torch.empty((len(names), 3, image_size, image_size))  # filled in place: no second copy to stack
     for name in names:
         try:
             raw = _raw_photo(name)
@@ -123,7 +130,7 @@ def load_photos(*, image_size: int = 32, names: Sequence[str] | None = None) -> 
             failed.append(f"{name} ({type(exc).__name__})")
             continue
         x = torch.from_numpy(np.array(raw, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        images.append(to_channels(center_crop_resize(x, image_size), 3).clamp_(0.0, 1.0))
+        images[len(loaded)] = to_channels(center_crop_resize(x, image_size), 3).clamp_(0.0, 1.0)
         loaded.append(name)
     if failed:
         warnings.warn(f"skipped photos that do not load offline: {', '.join(failed)}", stacklevel=2)
@@ -133,12 +140,17 @@ def load_photos(*, image_size: int = 32, names: Sequence[str] | None = None) -> 
             "with its bundled data, or use the 'digits' source or your own images"
         )
     return ImageDataset.from_tensors(
-        "photos", torch.stack(images), torch.arange(len(loaded)), class_names=tuple(loaded)
+        "photos", images[: len(loaded)], torch.arange(len(loaded)), class_names=tuple(loaded)
     )
 
 
 SYNTHETIC_DEFAULT_CLASSES = 100
 SYNTHETIC_MAX_CLASSES = 100_000
+
+
+def synthetic_size(num_classes: int) -> int:
+    """How many images ``synthetic:K`` holds: ``max(2048, 4 * K)``."""
+    return max(2048, 4 * int(num_classes))
 
 
 def load_synthetic(
@@ -149,7 +161,14 @@ def load_synthetic(
     images so that batches of a few hundred and disjoint auxiliary samples fit."""
     if not 2 <= num_classes <= SYNTHETIC_MAX_CLASSES:
         raise ConfigError(f"synthetic data needs 2 to {SYNTHETIC_MAX_CLASSES} classes, got {num_classes}")
-    n = max(2048, 4 * num_classes)
+    n = synthetic_size(num_classes)
+    check_images_fit(
+        f"data source 'synthetic:{num_classes}'",
+        count=n,
+        channels=3,
+        image_size=image_size,
+        fix="lower --image-size or the number of classes K in synthetic:K",
+    )
     generator = torch.Generator().manual_seed(int(seed))
     images = torch.rand((n, 3, image_size, image_size), generator=generator)
     labels = torch.randint(0, num_classes, (n,), generator=generator)

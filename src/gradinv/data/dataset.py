@@ -8,73 +8,65 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradinv.errors import ConfigError, DataError, ShapeError
+from gradinv.errors import ConfigError, DataError
+from gradinv.memory import check_allocation
+from gradinv.types import Normalization  # defined in the core layer, re-exported here
 
 #: Lower bound on a per-channel standard deviation, so constant images never divide by zero.
 MIN_STD = 1e-3
 
 
-@dataclass(frozen=True)
-class Normalization:
-    """Per-channel affine normalisation ``(x - mean) / std``."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        mean = tuple(float(m) for m in self.mean)
-        std = tuple(float(s) for s in self.std)
-        if not mean or len(mean) != len(std):
-            raise ConfigError(
-                f"normalization needs one mean and one std per channel, got {len(mean)} means and "
-                f"{len(std)} stds: pass sequences of equal, non-zero length"
-            )
-        if any(not s > 0 for s in std):
-            raise ConfigError(f"normalization std must be positive, got {std}: use a std > 0 per channel")
-        object.__setattr__(self, "mean", mean)
-        object.__setattr__(self, "std", std)
-
-    @classmethod
-    def identity(cls, channels: int) -> Normalization:
-        """Normalisation that leaves ``channels``-channel images unchanged."""
-        if channels < 1:
-            raise ConfigError(f"channels must be at least 1, got {channels}")
-        return cls((0.0,) * channels, (1.0,) * channels)
-
-    @property
-    def channels(self) -> int:
-        return len(self.mean)
-
-    def _params(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if x.dim() not in (3, 4) or x.shape[-3] != self.channels:
-            raise ShapeError(
-                f"normalization expects a (C,H,W) or (B,C,H,W) tensor with C={self.channels}, got shape "
-                f"{tuple(x.shape)}: convert the images to {self.channels} channel(s) first"
-            )
-        if not (x.is_floating_point() or x.is_complex()):
-            x = x.to(torch.float32)
-        shape = (self.channels, 1, 1) if x.dim() == 3 else (1, self.channels, 1, 1)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
-        return x, mean, std
-
-    def normalize(self, x: Tensor) -> Tensor:
-        """Map images in [0, 1] to model input space (differentiable, keeps dtype/device)."""
-        x, mean, std = self._params(x)
-        return (x - mean) / std
-
-    def denormalize(self, x: Tensor) -> Tensor:
-        """Inverse of :meth:`normalize`: map model inputs back to image space."""
-        x, mean, std = self._params(x)
-        return x * std + mean
+#: Values per chunk when :func:`channel_stats` works through a large set (32 MB of float64).
+_STATS_CHUNK = 1 << 22
 
 
 def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std of ``(N,C,H,W)`` images; std floored at ``MIN_STD``."""
-    x = images.detach().to(torch.float64)
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3), unbiased=False).clamp_min(MIN_STD)
+    """Per-channel mean and (population) std of ``(N,C,H,W)`` images; std floored at ``MIN_STD``.
+
+    Computed in float64, two passes over chunks of images, so it needs no float64 copy of the whole set."""
+    x = images.detach()
+    n, c = int(x.shape[0]), int(x.shape[1])
+    per_image = max(1, x[0].numel()) if n else 1
+    step = max(1, _STATS_CHUNK // per_image)
+    count = max(1, n * int(x.shape[2]) * int(x.shape[3]))
+    total = torch.zeros(c, dtype=torch.float64)
+    for i in range(0, n, step):
+        total += x[i : i + step].to(torch.float64).sum(dim=(0, 2, 3))
+    mean = total / count
+    squares = torch.zeros(c, dtype=torch.float64)
+    for i in range(0, n, step):
+        squares += (x[i : i + step].to(torch.float64) - mean.view(1, c, 1, 1)).pow(2).sum(dim=(0, 2, 3))
+    std = (squares / count).sqrt().clamp_min(MIN_STD)
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def image_bytes(count: int, channels: int, image_size: int) -> int:
+    """Bytes of ``count`` float32 images of ``channels`` x ``image_size`` x ``image_size``."""
+    return int(count) * int(channels) * int(image_size) ** 2 * 4
+
+
+def check_images_fit(
+    source: str,
+    *,
+    count: int,
+    channels: int,
+    image_size: int,
+    copies: float = 1.0,
+    extra_bytes: int = 0,
+    detail: str = "",
+    fix: str = "lower --image-size or use fewer images",
+) -> None:
+    """Refuse, in one line, to load ``count`` images that would not fit in memory: ``copies`` times their
+    float32 size plus ``extra_bytes`` (the loader's own intermediate arrays, said in ``detail``) against
+    :func:`gradinv.memory.available_bytes`."""
+    need = copies * image_bytes(count, channels, image_size) + extra_bytes
+    check_allocation(
+        need,
+        what=(
+            f"loading {source} at {image_size}x{image_size} ({count:,} images x {channels} channel(s), float32{detail})"
+        ),
+        fix=fix,
+    )
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradinv.data.dataset import ImageDataset
+from gradinv.data.dataset import ImageDataset, check_images_fit
 from gradinv.data.transforms import center_crop_resize, to_channels
 from gradinv.errors import DataError
 
@@ -68,14 +68,25 @@ def _read_image(path: Path) -> tuple[Tensor, bool]:
     return torch.from_numpy(np.clip(arr, 0.0, 1.0)), colour
 
 
-def _load_images(files: list[Path], image_size: int) -> Tensor:
-    images, colours = [], []
+def _load_images(files: list[Path], image_size: int, source: str) -> Tensor:
+    """Decode and resize ``files``; refuses before reading if even grey images would not fit in memory, and
+    again at the first colour image if RGB ones would not."""
+    fix = "lower --image-size or use fewer images"
+    check_images_fit(source, count=len(files), channels=1, image_size=image_size, fix=fix)
+    images: list[Tensor | None] = []
+    colour_seen = False
     for f in files:
         x, colour = _read_image(f)
+        if colour and not colour_seen:
+            colour_seen = True
+            check_images_fit(source, count=len(files), channels=3, image_size=image_size, fix=fix)
         images.append(center_crop_resize(x, image_size))
-        colours.append(colour)
-    channels = 3 if any(colours) else 1
-    return torch.stack([to_channels(x, channels) for x in images]).clamp_(0.0, 1.0)
+    channels = 3 if colour_seen else 1
+    out = torch.empty((len(files), channels, image_size, image_size))
+    for i, x in enumerate(images):  # filled in place, each resized image released once copied: no 2x peak
+        out[i] = to_channels(x, channels)
+        images[i] = None
+    return out.clamp_(0.0, 1.0)
 
 
 def load_folder(path: str | Path, *, image_size: int = 32) -> ImageDataset:
@@ -126,8 +137,8 @@ def load_folder(path: str | Path, *, image_size: int = 32) -> ImageDataset:
                 f"{len(others)} other file(s): {shown}. Add images, or convert them to one of these formats"
             )
         files, labels, class_names = loose, [0] * len(loose), (FLAT_CLASS_NAME,)
-    images = _load_images(files, image_size)
     name = root.resolve().name or str(root)
+    images = _load_images(files, image_size, f"data folder '{root}'")
     return ImageDataset.from_tensors(name, images, torch.tensor(labels, dtype=torch.int64), class_names=class_names)
 
 
@@ -165,7 +176,7 @@ def _scale_pixels(arr: np.ndarray, source: Path) -> np.ndarray:
             f"'images' in '{source}' has values in [{lo:g}, {hi:g}]: store uint8 0..255 or float 0..1 pixels"
         )
     if np.issubdtype(arr.dtype, np.integer) or hi > 1.0:
-        x = x / 255.0
+        x /= 255.0  # in place: ``x`` is already a fresh float32 copy
     return x
 
 
@@ -206,6 +217,15 @@ def load_npz(path: str | Path, *, image_size: int = 32) -> ImageDataset:
     images = _images_to_nchw(np.asarray(raw_images), source)
     if images.size == 0:
         raise DataError(f"'images' in '{source}' is empty (shape {np.shape(raw_images)}): store at least one image")
+    check_images_fit(  # the resized images plus the float32 copy of the stored ones
+        f"data file '{source}'",
+        count=images.shape[0],
+        channels=images.shape[1],
+        image_size=image_size,
+        extra_bytes=images.size * 4,
+        detail=", from a float32 copy of the stored ones",
+        fix="lower --image-size or store fewer images",
+    )
     images = _scale_pixels(images, source)
     labels = np.asarray(raw_labels)
     n = images.shape[0]

@@ -57,8 +57,8 @@ def to_channels(images: Tensor, channels: int) -> Tensor:
         return images.repeat(*reps)
     if have == 3 and channels == 1:
         x = images if images.is_floating_point() else images.to(torch.float32)
-        w = torch.tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device).view(3, 1, 1)
-        return (x * w).sum(dim=-3, keepdim=True)
+        r, g, b = (x.narrow(-3, i, 1) for i in range(3))  # one channel at a time: no 3-channel temporary
+        return (r * LUMA_WEIGHTS[0]).add_(g, alpha=LUMA_WEIGHTS[1]).add_(b, alpha=LUMA_WEIGHTS[2])
     raise DataError(
         f"cannot convert images with {have} channels to {channels}: only grey (1) and RGB (3) images are "
         "supported; drop the extra channels (e.g. alpha) first"

@@ -23,7 +23,7 @@ from gradinv.defenses.base import (
 )
 from gradinv.defenses.functional import gaussian_epsilon
 from gradinv.defenses.update import DPSGD, local_uses
-from gradinv.fl.protocols import Protocol
+from gradinv.protocol import Protocol
 
 
 def dp_epsilon(

@@ -10,55 +10,17 @@ is a paper's settings plus the call into those functions. Specs such as ``"prune
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from gradinv._settings import Configurable
-from gradinv.data.dataset import Normalization
 from gradinv.errors import ConfigError
-from gradinv.fl.protocols import LossFn, Protocol
-from gradinv.registry import Registry
-
-Stage = Literal["data", "model", "update"]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ClientBatch:
-    """The client's batch as it trains: normalised ``inputs``, ``targets`` (class indices (B,) or soft labels
-    (B, K)), the data's normalisation and the number of classes."""
-
-    inputs: Tensor
-    targets: Tensor
-    normalization: Normalization
-    num_classes: int | None
-
-    def soft_targets(self) -> Tensor:
-        """The targets as probabilities (B, K)."""
-        if self.targets.is_floating_point():
-            return self.targets
-        if self.num_classes is None:
-            raise ConfigError("mixing labels needs the number of classes: the model has no linear classifier")
-        return torch.nn.functional.one_hot(self.targets, self.num_classes).to(self.inputs.dtype)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ClientState:
-    """What the client holds when it defends its update: the model (a stateless twin), its parameters and
-    buffers, the batch it trained on (after any data defense), the loss and the protocol."""
-
-    model: nn.Module
-    params: Mapping[str, Tensor]
-    buffers: Mapping[str, Tensor]
-    batch: ClientBatch
-    loss_fn: LossFn
-    protocol: Protocol
-    train_mode: bool
+from gradinv.fl.client import ClientBatch, ClientState, Stage
+from gradinv.registry import DEFENSES
 
 
 class Defense(Configurable, ABC):
@@ -79,10 +41,7 @@ class Defense(Configurable, ABC):
 
     def spec(self) -> str:
         """This defense as a spec string that :func:`parse_defense` turns back into it."""
-        values = self.settings_dict()
-        if not values:
-            return self.name
-        return f"{self.name}:" + ",".join(f"{k}={v}" for k, v in values.items())
+        return DEFENSES.spec(self)
 
 
 class DataDefense(Defense):
@@ -120,52 +79,12 @@ def check_setting(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-DEFENSES = Registry("defense")
-#: class decorator adding a defense to :data:`DEFENSES` under its ``name``
+#: class decorator adding a defense to :data:`DEFENSES` (:mod:`gradinv.registry`) under its ``name``
 register_defense = DEFENSES.register
-
-
-def build_defense(name: str, **settings: Any) -> Defense:
-    """A defense by registry name with its settings overridden by keyword."""
-    return DEFENSES.build(name, **settings)
-
-
-def _parse_value(kind: Any, raw: str, *, owner: str, key: str) -> Any:
-    """A spec's text value as the setting's type (int, float, bool, str, or an optional of one)."""
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
-    if args:  # Optional[X]
-        if raw.lower() in ("none", ""):
-            return None
-        kind = args[0]
-    try:
-        if kind is bool:
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("true", "1", "yes")
-        if kind in (int, float):
-            return kind(raw)
-    except ValueError:
-        raise ConfigError(f"{owner} setting {key!r} must be {kind.__name__}, got {raw!r}") from None
-    return raw
-
-
-def parse_defense(spec: str) -> Defense:
-    """A defense from ``NAME``, ``NAME:VALUE`` (its main setting) or ``NAME:KEY=VALUE,KEY=VALUE``."""
-    name, _, rest = spec.strip().partition(":")
-    cls = DEFENSES.lookup(name)
-    hints = typing.get_type_hints(cls.Settings)
-    values: dict[str, Any] = {}
-    for part in [p for p in rest.split(",") if p.strip()] if rest else []:
-        key, eq, raw = part.partition("=")
-        if not eq:
-            if cls.primary is None or values:
-                raise ConfigError(f"defense spec {spec!r}: write KEY=VALUE (settings: {', '.join(hints)})")
-            key, raw = cls.primary, part
-        key = key.strip()
-        if key not in hints:
-            raise ConfigError(f"{name} has no setting {key!r}; its settings are {', '.join(hints)}")
-        values[key] = _parse_value(hints[key], raw.strip(), owner=name, key=key)
-    return cls(**values)
+#: a defense by registry name with its settings overridden by keyword
+build_defense = DEFENSES.build
+#: a defense from ``NAME``, ``NAME:VALUE`` (its ``primary`` setting) or ``NAME:KEY=VALUE,KEY=VALUE``
+parse_defense = DEFENSES.parse
 
 
 def as_defense(item: Defense | str) -> Defense:
@@ -175,3 +94,20 @@ def as_defense(item: Defense | str) -> Defense:
     if isinstance(item, str):
         return parse_defense(item)
     raise ConfigError(f"a defense must be a Defense or a spec string like 'prune:0.9', got {item!r}")
+
+
+__all__ = [
+    "DEFENSES",
+    "ClientBatch",
+    "ClientState",
+    "DataDefense",
+    "Defense",
+    "ModelDefense",
+    "Stage",
+    "UpdateDefense",
+    "as_defense",
+    "build_defense",
+    "check_setting",
+    "parse_defense",
+    "register_defense",
+]

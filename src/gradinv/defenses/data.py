@@ -117,10 +117,25 @@ class Pixelate(DataDefense):
     Settings = PixelateSettings
     primary = "block"
 
+    def check_input_shape(self, input_shape: tuple[int, ...]) -> None:
+        """Refuse, in one line, images this defense cannot act on: ``input_shape`` is one sample's
+        ``(C, H, W)`` (or a batch's ``(B, C, H, W)``); a block larger than the image is an error, not a blur.
+        Call it where the image size is first known; :meth:`transform` calls it too."""
+        shape = tuple(int(d) for d in input_shape)
+        if len(shape) not in (3, 4):
+            raise ConfigError(f"pixelate needs images (C, H, W), got shape {shape}: use it on image data")
+        side = min(shape[-2:])
+        if self.settings.block > side:
+            raise ConfigError(
+                f"pixelate block {self.settings.block} is larger than the {shape[-2]}x{shape[-1]} images: use a "
+                f"block of at most {side} (e.g. pixelate:{max(1, side // 8)})"
+            )
+
     def transform(self, batch: ClientBatch, *, generator: torch.Generator) -> ClientBatch:
         s = self.settings
         if batch.inputs.ndim != 4:
             raise ConfigError(f"pixelate needs images (B, C, H, W), got shape {tuple(batch.inputs.shape)}")
+        self.check_input_shape(tuple(batch.inputs.shape))
         images = batch.normalization.denormalize(batch.inputs).clamp(0, 1)
         if s.epsilon is None:
             out = D.pixelate(images, block=s.block)

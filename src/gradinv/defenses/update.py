@@ -15,6 +15,7 @@ from gradinv.defenses import functional as D
 from gradinv.defenses.base import ClientState, UpdateDefense, check_setting, register_defense
 from gradinv.errors import ConfigError
 from gradinv.fl.protocols import FedSGD, Protocol
+from gradinv.memory import check_allocation, format_bytes
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,41 @@ class DPSGDSettings:
         check_setting(0 < self.delta < 1, f"dpsgd delta must be in (0, 1), got {self.delta}")
 
 
+#: Bytes of per-sample gradients DP-SGD holds at once: a larger batch is processed in chunks of samples. A
+#: fixed size, so that the numbers (the order of the sums) do not depend on the machine.
+PER_SAMPLE_CHUNK_BYTES = 512 * 2**20
+
+
+def local_batch_index(step: int, local_batch_size: int, num_samples: int) -> Tensor:
+    """The samples of FedAvg's local step ``step``: ``[step*b, (step+1)*b)`` modulo ``n``, as
+    :func:`gradinv.fl.protocols.client_update` takes them (a sample appears several times in one step when
+    ``b > n``)."""
+    return torch.arange(step * local_batch_size, (step + 1) * local_batch_size) % num_samples
+
+
 def local_uses(protocol: Protocol, num_samples: int) -> int:
-    """How many of the client's gradient steps the busiest sample takes part in (the steps a sample's privacy
-    loss composes over): 1 for FedSGD; for FedAvg's cycling local batches, ceil(K * b / n)."""
+    """The privacy cost of the client's training for its busiest sample, in Gaussian mechanisms of
+    sensitivity C: ``max_i sum_t m_it^2``, where ``m_it`` counts the times sample ``i`` appears in the batch of
+    gradient step ``t``.
+
+    A step that holds a sample ``m`` times adds ``m`` clipped copies of its gradient to the noisy sum, so its
+    sensitivity is ``m C`` and, under noise ``sigma C``, it is ``(m / sigma)``-GDP; the steps compose to
+    ``mu = sqrt(sum_t m_t^2) / sigma`` (Dong, Roth & Su 2022), the same as ``sum_t m_t^2`` steps of
+    sensitivity C. That is 1 for FedSGD, and ``ceil(K * b / n)`` for FedAvg when the local batch ``b`` is at
+    most the client's ``n`` samples (each step holds a sample at most once); a local batch larger than ``n``
+    repeats samples inside a step and costs more."""
     if isinstance(protocol, FedSGD):
         return 1
-    b = min(protocol.local_batch_size or num_samples, num_samples)
-    return math.ceil(protocol.local_steps * b / num_samples)
+    n = int(num_samples)
+    if n < 1:
+        raise ConfigError(f"dpsgd needs at least one sample on the client, got {num_samples}")
+    b = protocol.local_batch_size or n
+    if b <= n:
+        return math.ceil(protocol.local_steps * b / n)
+    squares = torch.zeros(n, dtype=torch.int64)
+    for step in range(protocol.local_steps):
+        squares += torch.bincount(local_batch_index(step, b, n), minlength=n).pow(2)
+    return int(squares.max())
 
 
 @register_defense
@@ -108,21 +137,41 @@ class DPSGD(UpdateDefense):
             out = functional_call(client.model, (p, dict(client.buffers)), (xi.unsqueeze(0),))
             return client.loss_fn(out, yi.unsqueeze(0))
 
-        try:
-            per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(dict(params), x, y)
-        except RuntimeError as exc:
-            if "random" not in str(exc).lower():
-                raise
-            raise ConfigError(
-                "dpsgd cannot take per-sample gradients through a random model defense (dropout)"
-            ) from None
-        norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in per_sample.values()))
-        factor = (s.clip / (norms + 1e-12)).clamp(max=1.0)
+        per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+        batch = int(x.shape[0])
+        sample_bytes = sum(v.numel() * v.element_size() for v in params.values())
+        chunk = max(1, min(batch, PER_SAMPLE_CHUNK_BYTES // max(1, sample_bytes)))
+        check_allocation(  # the chunk's per-sample gradients and their clipped copy, one tensor at a time
+            chunk * sample_bytes + chunk * max(v.numel() * v.element_size() for v in params.values()),
+            what=(
+                f"dpsgd's per-sample gradients ({chunk:,} sample(s) at a time x "
+                f"{format_bytes(sample_bytes)} of parameters)"
+            ),
+            fix=(
+                "lower --batch-size (or --local-batch-size) or use a smaller model"
+                if chunk == batch
+                else "use a smaller model"
+            ),
+        )
+        summed = {k: torch.zeros_like(v) for k, v in params.items()}
+        for start in range(0, batch, chunk):  # clip and sum chunk by chunk: memory chunk x parameters
+            try:
+                per_sample = per_sample_grad(dict(params), x[start : start + chunk], y[start : start + chunk])
+            except RuntimeError as exc:
+                if "random" not in str(exc).lower():
+                    raise
+                raise ConfigError(
+                    "dpsgd cannot take per-sample gradients through a random model defense (dropout)"
+                ) from None
+            norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(dim=1) for g in per_sample.values()))
+            factor = (s.clip / (norms + 1e-12)).clamp(max=1.0)
+            for k, g in per_sample.items():
+                summed[k] += (g * factor.view((-1,) + (1,) * (g.ndim - 1))).sum(dim=0)
+            del per_sample
         out = {}
-        for k, g in per_sample.items():
-            summed = (g * factor.view((-1,) + (1,) * (g.ndim - 1))).sum(dim=0)
-            noisy = D.add_noise({k: summed}, std=s.noise_multiplier * s.clip, generator=generator)[k]
-            out[k] = noisy / x.shape[0]
+        for k, total in summed.items():
+            noisy = D.add_noise({k: total}, std=s.noise_multiplier * s.clip, generator=generator)[k]
+            out[k] = noisy / batch
         return out
 
     def transform(
@@ -138,7 +187,7 @@ class DPSGD(UpdateDefense):
         b = protocol.local_batch_size or n
         current = dict(params)
         for step in range(protocol.local_steps):  # the same local batches as the protocol's own loop
-            idx = torch.arange(step * b, step * b + b) % n
+            idx = local_batch_index(step, b, n)
             g = self.private_gradient(client, current, x[idx], y[idx], generator)
             current = {k: current[k] - protocol.lr * g[k] for k in current}
         return {k: current[k] - params[k] for k in current}

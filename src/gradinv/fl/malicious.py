@@ -31,18 +31,22 @@ FedAvg weight delta of these rows is then large against the rows themselves and 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from statistics import NormalDist
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from gradinv.data.dataset import Normalization
 from gradinv.errors import ConfigError, ShapeError
+from gradinv.registry import SERVERS, suggestion
+from gradinv.types import Normalization
 
 __all__ = [
     "MEASUREMENTS",
+    "SERVERS",
     "ImprintBlock",
     "ImprintServer",
     "ImprintedModel",
@@ -203,6 +207,7 @@ def _residual_restore(block: ImprintBlock, *, weight: float, offset: float) -> N
 # -- Robbing the Fed ---------------------------------------------------------------------------------------
 
 
+@SERVERS.register
 @dataclass(frozen=True, eq=False)
 class ImprintServer:
     """Robbing the Fed (Fowl et al. 2022): prepend an imprint block with ``bins`` bins.
@@ -216,10 +221,14 @@ class ImprintServer:
     thresholds are ``c_k = F^-1(k / bins)`` for ``k >= 1`` and ``c_0 = loc - 20 scale``, so the ``bins`` bins
     hold equal probability. ``input_shape`` (one input, e.g. ``(3, 32, 32)``) is needed unless the auxiliary
     inputs or a fully connected first layer tell it. ``gain`` scales the imprint rows and ``shift`` the change
-    the original model sees (module docstring).
+    the original model sees (module docstring). Spec: ``imprint:BINS`` or ``imprint:KEY=VALUE,...``
+    (:func:`parse_server`).
     """
 
-    bins: int = 128
+    name: ClassVar[str] = "imprint"
+    primary: ClassVar[str] = "bins"
+
+    bins: int = field(default=128, metadata={"expects": "an integer >= 2"})
     measurement: str = "random"
     seed: int = 0
     distribution: str = "gaussian"
@@ -234,7 +243,9 @@ class ImprintServer:
         if isinstance(self.bins, bool) or not isinstance(self.bins, int) or self.bins < 2:
             raise ConfigError(f"an imprint server needs an integer number of bins >= 2, got {self.bins!r}")
         if self.measurement not in MEASUREMENTS:
-            raise ConfigError(f"unknown measurement {self.measurement!r}: choose one of {', '.join(MEASUREMENTS)}")
+            raise ConfigError(
+                f"unknown imprint measurement {self.measurement!r}: choose one of {', '.join(MEASUREMENTS)}"
+            )
         if self.distribution not in _DISTRIBUTIONS:
             raise ConfigError(f"unknown distribution {self.distribution!r}: choose one of {', '.join(_DISTRIBUTIONS)}")
         if self.scale is not None and not self.scale > 0:
@@ -243,6 +254,10 @@ class ImprintServer:
             raise ConfigError(f"gain and shift must be positive, got gain={self.gain} and shift={self.shift}")
         object.__setattr__(self, "input_shape", _check_shape(self.input_shape))
         _check_auxiliary(self.auxiliary, self.input_shape)
+
+    def spec(self) -> str:
+        """This server as a spec (its settings, not its runtime input shape or auxiliary data)."""
+        return SERVERS.spec(self)
 
     def measurement_vector(self, features: int) -> Tensor:
         """The unit measurement vector ``m`` for ``features`` input features (float64)."""
@@ -310,6 +325,7 @@ class ImprintServer:
 # -- trap weights ------------------------------------------------------------------------------------------
 
 
+@SERVERS.register
 @dataclass(frozen=True, eq=False)
 class TrapWeightsServer:
     """Trap weights (Boenisch et al. 2023) on the first fully connected layer.
@@ -328,8 +344,12 @@ class TrapWeightsServer:
 
     If the model's first layer with parameters is an ``nn.Linear`` it is trapped in a copy of the model
     (its shape is unchanged; the bias becomes ``<w, mu>``); otherwise a residual block with ``width`` trap
-    rows is put in front (see the module docstring), which needs ``input_shape`` or ``auxiliary``.
+    rows is put in front (see the module docstring), which needs ``input_shape`` or ``auxiliary``. Spec:
+    ``trap:SCALE`` or ``trap:KEY=VALUE,...`` (:func:`parse_server`).
     """
+
+    name: ClassVar[str] = "trap"
+    primary: ClassVar[str] = "scale"
 
     scale: float = 1.05
     rate: float | None = None
@@ -354,6 +374,10 @@ class TrapWeightsServer:
             raise ConfigError(f"shift must be positive, got {self.shift}")
         object.__setattr__(self, "input_shape", _check_shape(self.input_shape))
         _check_auxiliary(self.auxiliary, self.input_shape)
+
+    def spec(self) -> str:
+        """This server as a spec (its settings, not its runtime normalisation, input shape or auxiliary data)."""
+        return SERVERS.spec(self)
 
     def trap_weights(self, rows: int, features: int) -> tuple[Tensor, Tensor]:
         """Weights on pixels and the bias, float64: ``(rows, features)`` and ``(rows,)``.
@@ -424,7 +448,12 @@ class TrapWeightsServer:
 
 # -- parsing -----------------------------------------------------------------------------------------------
 
-_SPEC_HELP = "'honest', 'imprint[:BINS[:random|mean]]' (Robbing the Fed) or 'trap[:SCALE]' (trap weights)"
+_SPEC_HELP = (
+    "'honest', 'imprint[:BINS[:random|mean]]' (Robbing the Fed) or 'trap[:SCALE]' (trap weights), settings by "
+    "name as in 'imprint:bins=256,seed=1'"
+)
+#: the settings the older positional forms name, in order: ``imprint:BINS:MEASUREMENT``, ``trap:SCALE``
+_POSITIONAL = {"imprint": ("bins", "measurement"), "trap": ("scale",)}
 
 
 def parse_server(
@@ -434,42 +463,29 @@ def parse_server(
     normalization: Normalization | None = None,
     auxiliary: Tensor | None = None,
 ) -> ImprintServer | TrapWeightsServer | None:
-    """A server from a short spec: ``"honest"`` -> ``None``; ``"imprint"``, ``"imprint:128"``,
-    ``"imprint:256:mean"`` -> :class:`ImprintServer`; ``"trap"``, ``"trap:1.2"`` -> :class:`TrapWeightsServer`.
+    """A server from a spec: ``"honest"`` -> ``None``; otherwise the registry's grammar (:data:`SERVERS`),
+    ``"imprint"``, ``"imprint:128"``, ``"imprint:bins=256,measurement=mean,seed=1"``, ``"trap:1.2"``, plus the
+    positional ``"imprint:256:mean"``.
 
-    ``input_shape`` and ``auxiliary`` go to either server, ``normalization`` to trap weights.
+    The runtime arguments a spec cannot carry go to the server that takes them: ``input_shape`` and
+    ``auxiliary`` to either, ``normalization`` to trap weights.
     """
     if not isinstance(spec, str):
         raise ConfigError(f"a server spec is a string such as 'imprint:128', got {type(spec).__name__}")
-    kind, *args = [part.strip() for part in spec.strip().lower().split(":")]
-    if kind in ("honest", "none", "") and not args:
+    text = spec.strip().lower()
+    kind, _, rest = text.partition(":")
+    kind = kind.strip()
+    if kind in ("honest", "none", "") and ":" not in text:
         return None
-    if kind == "imprint":
-        if len(args) > 2:
-            raise ConfigError(f"server spec {spec!r} has too many parts: use 'imprint[:BINS[:random|mean]]'")
-        bins = 128
-        if args and args[0]:
-            try:
-                bins = int(args[0])
-            except ValueError:
-                raise ConfigError(
-                    f"imprint bins must be an integer >= 2, got {args[0]!r}: e.g. 'imprint:128'"
-                ) from None
-        measurement = args[1] if len(args) > 1 else "random"
-        if measurement not in MEASUREMENTS:
-            raise ConfigError(
-                f"unknown imprint measurement {measurement!r} in {spec!r}: use 'imprint:{bins}:random' or "
-                f"'imprint:{bins}:mean'"
-            )
-        return ImprintServer(bins=bins, measurement=measurement, input_shape=input_shape, auxiliary=auxiliary)
-    if kind == "trap":
-        if len(args) > 1:
-            raise ConfigError(f"server spec {spec!r} has too many parts: use 'trap[:SCALE]', e.g. 'trap:1.05'")
-        scale = 1.05
-        if args and args[0]:
-            try:
-                scale = float(args[0])
-            except ValueError:
-                raise ConfigError(f"the trap scale must be a number such as 1.05, got {args[0]!r}") from None
-        return TrapWeightsServer(scale=scale, normalization=normalization, input_shape=input_shape, auxiliary=auxiliary)
-    raise ConfigError(f"unknown server {spec!r}: use {_SPEC_HELP}")
+    if kind not in SERVERS:
+        raise ConfigError(f"unknown server {spec!r}: use {_SPEC_HELP}{suggestion(kind, SERVERS)}")
+    if ":" in rest and "=" not in rest:  # the positional form, e.g. imprint:256:mean
+        parts = [p.strip() for p in rest.split(":")]
+        names = _POSITIONAL.get(kind, (SERVERS[kind].primary,))
+        if len(parts) > len(names):
+            raise ConfigError(f"server spec {spec!r} has too many parts: use {_SPEC_HELP}")
+        rest = ",".join(f"{key}={value}" for key, value in zip(names, parts, strict=False) if value)
+    cls = SERVERS[kind]
+    runtime = {"input_shape": input_shape, "normalization": normalization, "auxiliary": auxiliary}
+    accepted = {f.name for f in dataclasses.fields(cls)}
+    return SERVERS.parse(f"{kind}:{rest}", **{k: v for k, v in runtime.items() if k in accepted})

@@ -1,7 +1,9 @@
 """Federated training protocols: what a client computes from its private batch.
 
 Both protocols are written once, as pure functions of a parameter dictionary built on ``torch.func``, so the
-client's simulation and an attacker's differentiable replay of it are the same code.
+client's simulation and an attacker's differentiable replay of it are the same code. Their settings
+(:class:`FedSGD`, :class:`FedAvg`, :func:`protocol_from_dict`) live in the core module :mod:`gradinv.protocol`
+and are re-exported here.
 
 - FedSGD (McMahan et al. 2017): the client shares the gradient of the mean loss over its batch.
 - FedAvg (McMahan et al. 2017): the client runs K local SGD steps (local batch size, learning rate) and
@@ -11,8 +13,6 @@ client's simulation and an attacker's differentiable replay of it are the same c
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad
 
 from gradinv.errors import ConfigError
+from gradinv.protocol import FedAvg, FedSGD, Protocol, protocol_from_dict
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -30,57 +31,6 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     if targets.dtype in (torch.int64, torch.int32):
         return F.cross_entropy(logits, targets)
     return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
-
-
-@dataclass(frozen=True)
-class FedSGD:
-    """One gradient of the mean loss over the client's whole batch (the server sees ``gradient``)."""
-
-    name: Literal["fedsgd"] = "fedsgd"
-
-    @property
-    def update_kind(self) -> str:
-        return "gradient"
-
-    def to_dict(self) -> dict:
-        return {"name": self.name}
-
-
-@dataclass(frozen=True)
-class FedAvg:
-    """K local SGD steps with a local batch size and learning rate (the server sees ``weight_delta``).
-
-    Local step ``k`` uses samples ``[k*b, (k+1)*b)`` of the client's batch, cycling; ``local_batch_size``
-    ``None`` means full batch.
-    """
-
-    local_steps: int = 1
-    lr: float = 0.1
-    local_batch_size: int | None = None
-    name: Literal["fedavg"] = "fedavg"
-
-    def __post_init__(self) -> None:
-        if self.local_steps < 1:
-            raise ConfigError(f"FedAvg needs local_steps >= 1, got {self.local_steps}")
-        if self.lr <= 0:
-            raise ConfigError(f"FedAvg needs a positive learning rate, got {self.lr}")
-        if self.local_batch_size is not None and self.local_batch_size < 1:
-            raise ConfigError(f"FedAvg local_batch_size must be >= 1 or None, got {self.local_batch_size}")
-
-    @property
-    def update_kind(self) -> str:
-        return "weight_delta"
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "local_steps": self.local_steps,
-            "lr": self.lr,
-            "local_batch_size": self.local_batch_size,
-        }
-
-
-Protocol = FedSGD | FedAvg
 
 
 def loss_gradient(
@@ -166,15 +116,17 @@ def aggregated_update(
     return aggregate(updates, [s.stop - s.start for s in parts])
 
 
-def protocol_from_dict(data: Mapping) -> Protocol:
-    """Rebuild a protocol from :meth:`to_dict` output (e.g. read back from a metadata file)."""
-    name = data.get("name")
-    if name == "fedsgd":
-        return FedSGD()
-    if name == "fedavg":
-        return FedAvg(
-            local_steps=int(data.get("local_steps", 1)),
-            lr=float(data.get("lr", 0.1)),
-            local_batch_size=data.get("local_batch_size"),
-        )
-    raise ConfigError(f"unknown protocol name {name!r}: expected 'fedsgd' or 'fedavg'")
+__all__ = [
+    "FedAvg",
+    "FedSGD",
+    "LossFn",
+    "Params",
+    "Protocol",
+    "aggregate",
+    "aggregated_update",
+    "client_slices",
+    "client_update",
+    "cross_entropy",
+    "loss_gradient",
+    "protocol_from_dict",
+]

@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from gradinv.data.dataset import Normalization
-from gradinv.defenses.base import (
-    ClientBatch,
-    ClientState,
-    DataDefense,
-    ModelDefense,
-    UpdateDefense,
-    as_defense,
-)
-from gradinv.errors import ConfigError, ShapeError
+from gradinv.errors import ConfigError, DataError, ShapeError
+from gradinv.fl.client import STAGES, ClientBatch, ClientState
 from gradinv.fl.functional import stateless_twin
 from gradinv.fl.protocols import FedSGD, LossFn, Protocol, aggregate, client_slices, client_update, cross_entropy
 from gradinv.models import classifier_layer
-from gradinv.types import GroundTruth, Knowledge, Observation, ThreatModel, named_state
+from gradinv.types import (
+    ClientDefense,
+    GroundTruth,
+    Knowledge,
+    Normalization,
+    Observation,
+    ThreatModel,
+    as_defenses,
+    named_state,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,12 +34,12 @@ class Scenario:
     ``inputs`` are normalised with ``normalization``; ``labels`` are class indices. :meth:`observe` gives what
     an honest-but-curious server sees, :meth:`ground_truth` the private batch for scoring.
 
-    ``defenses`` (instances or spec strings such as ``"prune:0.9"``, see :mod:`gradinv.defenses`) act in
-    order: data defenses on the batch before training, model defenses on the client's computation, then update
-    defenses on what is shared; ``seed`` fixes
-    their randomness (noise, mixing partners, keys). ``clients > 1`` shares the batch among that many clients
-    (contiguous, near-equal parts), each training and defending on its own, and the server sees only the
-    sample-weighted mean of their updates (secure aggregation or homomorphic encryption of the sum).
+    ``defenses`` (a sequence of instances or spec strings such as ``("prune:0.9",)``, see
+    :mod:`gradinv.defenses`) act in order: data defenses on the batch before training, model defenses on the
+    client's computation, then update defenses on what is shared; ``seed`` fixes their randomness (noise,
+    mixing partners, keys). ``clients > 1`` shares the batch among that many clients (contiguous, near-equal
+    parts), each training and defending on its own, and the server sees only the sample-weighted mean of their
+    updates (secure aggregation or homomorphic encryption of the sum).
 
     ``train_mode=False`` (default) computes the update with BatchNorm using the running statistics the server
     sent, as in Inverting Gradients' experiments (inversefed) and breaching when public buffers are sent;
@@ -52,25 +54,34 @@ class Scenario:
     threat: ThreatModel = field(default_factory=ThreatModel)
     train_mode: bool = False
     loss_fn: LossFn = cross_entropy
-    defenses: tuple = ()
+    defenses: Sequence[ClientDefense | str] = ()
     seed: int = 0
     clients: int = 1
 
     def __post_init__(self) -> None:
-        defenses = tuple(as_defense(d) for d in self.defenses)
-        stages = [d.stage for d in defenses]
-        if stages != sorted(stages):  # "data" < "model" < "update"
+        defenses = as_defenses(self.defenses)
+        for d in defenses:
+            if not callable(getattr(d, "transform", None)):
+                raise ConfigError(f"defense {d.name!r} has no transform method: subclass a gradinv.defenses class")
+        stages = [STAGES.index(d.stage) for d in defenses]
+        if stages != sorted(stages):
             raise ConfigError(
                 f"defenses act in order, data, then model, then update: got {[d.name for d in defenses]}; "
                 "put the data defenses (mixup, instahide, pixelate) first and the update defenses last"
             )
         updates = [d for d in defenses if d.stage == "update"]
-        if any(d.retrains for d in updates[1:]):
+        retrains = [d.name for d in updates[1:] if getattr(d, "retrains", False)]
+        if retrains:
             raise ConfigError(
-                f"{next(d.name for d in updates[1:] if d.retrains)} recomputes the client's training, so it must be "
-                f"the first update defense: got {[d.name for d in updates]}"
+                f"{retrains[0]} recomputes the client's training, so it must be the first update defense: "
+                f"got {[d.name for d in updates]}"
             )
         object.__setattr__(self, "defenses", defenses)
+        _check_tensor("inputs", self.inputs)
+        if not isinstance(self.labels, Tensor):
+            raise DataError(f"labels must be a torch.Tensor of class indices, got {type(self.labels).__name__}")
+        if self.labels.is_floating_point() or self.labels.is_complex() or self.labels.dtype == torch.bool:
+            raise DataError(f"labels must be integer class indices, got dtype {self.labels.dtype}: use labels.long()")
         if self.inputs.ndim < 2:
             raise ShapeError(f"inputs must be a batch (B, ...), got shape {tuple(self.inputs.shape)}")
         if self.labels.shape != (self.inputs.shape[0],):
@@ -92,6 +103,12 @@ class Scenario:
         **options,
     ) -> Scenario:
         """A scenario from images in [0, 1], normalised with ``normalization`` as the client's pipeline does."""
+        _check_tensor("images", images)
+        if images.numel() and not (images.min() >= 0 and images.max() <= 1):
+            raise DataError(
+                f"images must lie in [0, 1], got values in [{float(images.min()):g}, {float(images.max()):g}]: "
+                "divide 0-255 images by 255 (or pass normalised inputs to Scenario(...) directly)"
+            )
         return cls(model, normalization.normalize(images), labels, normalization=normalization, **options)
 
     @property
@@ -137,7 +154,7 @@ class Scenario:
             protocol=self.protocol,
             knowledge=knowledge,
             train_mode=self.train_mode,
-            defenses=tuple(d.spec() for d in self.defenses),
+            defenses=self.defenses,
             clients=self.clients,
         )
 
@@ -152,9 +169,9 @@ class Scenario:
         """One client's round: data defenses, the protocol's local training (through any model defense), update
         defenses."""
         for defense in self.defenses:
-            if isinstance(defense, DataDefense):
+            if defense.stage == "data":
                 batch = defense.transform(batch, generator=generator)
-            elif isinstance(defense, ModelDefense):
+            elif defense.stage == "model":
                 twin = defense.transform(twin, generator=generator)
         with torch.no_grad():
             update = client_update(
@@ -164,7 +181,7 @@ class Scenario:
                 {k: v.clone() for k, v in buffers.items()},
                 batch.inputs,
                 batch.targets,
-                loss_fn=self.loss_fn,
+                loss_fn=_logits_checked(self.loss_fn),
             )
         client = ClientState(
             model=twin,
@@ -176,13 +193,37 @@ class Scenario:
             train_mode=self.train_mode,
         )
         for defense in self.defenses:
-            if isinstance(defense, UpdateDefense):
+            if defense.stage == "update":
                 update = defense.transform(update, client=client, generator=generator)
         return update
 
     def ground_truth(self) -> GroundTruth:
         """The private batch, for evaluation only."""
         return GroundTruth(inputs=self.inputs.detach().clone(), labels=self.labels.clone(), normalization=self.norm)
+
+
+def _check_tensor(what: str, x: object) -> None:
+    """Refuse inputs that are not a floating-point tensor of finite values, saying how to fix them."""
+    if not isinstance(x, Tensor):
+        raise DataError(f"{what} must be a torch.Tensor, got {type(x).__name__}: convert with torch.as_tensor(...)")
+    if not x.is_floating_point():
+        raise DataError(f"{what} must be floating point, got dtype {x.dtype}: convert 0-255 images by x.float() / 255")
+    if not bool(torch.isfinite(x).all()):
+        raise DataError(f"{what} hold NaN or infinite values: clean or drop those samples before the round")
+
+
+def _logits_checked(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` that first checks that the model's forward returned a tensor (the logits)."""
+
+    def loss(output: Tensor, targets: Tensor) -> Tensor:
+        if not isinstance(output, Tensor):
+            raise ConfigError(
+                f"the model's forward returned a {type(output).__name__}, not a tensor of logits: wrap the model "
+                "in an nn.Module whose forward returns only the logits (e.g. output[0] or output['logits'])"
+            )
+        return loss_fn(output, targets)
+
+    return loss
 
 
 def _num_classes(model: nn.Module) -> int | None:
@@ -201,14 +242,15 @@ def observation_from_files(
     protocol: Protocol | None = None,
     knowledge: Knowledge | None = None,
     train_mode: bool = False,
-    defenses: tuple[str, ...] = (),
+    defenses: Sequence[ClientDefense | str] = (),
     clients: int = 1,
 ) -> Observation:
     """An observation from files a real server holds: a saved model and a captured update (safetensors).
 
     ``weights_path`` (optional) loads the parameters the model was sent with; ``update_path`` holds the
     client's update keyed by parameter name. Both are checked against the model's parameter names and shapes.
-    ``defenses`` (spec strings) and ``clients`` are the protocol's public facts the update was made under.
+    ``defenses`` (objects or spec strings, parsed here) and ``clients`` are the protocol's public facts the
+    update was made under.
     """
     from gradinv.io import load_state_into, load_update
 
@@ -225,6 +267,6 @@ def observation_from_files(
         protocol=protocol or FedSGD(),
         knowledge=knowledge or Knowledge(),
         train_mode=train_mode,
-        defenses=tuple(defenses),
+        defenses=as_defenses(defenses),
         clients=clients,
     )

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from gradinv.errors import ConfigError, GradinvError, ShapeError
-from gradinv.models._registry import MODEL_INFO, MODELS, ModelInfo, register_model
+from gradinv.models._options import check_options
+from gradinv.models._registry import MIN_MODEL_IMAGE_SIZE, MODEL_INFO, MODELS, ModelInfo, register_model
 
 # Importing a model file registers its builders.
 from gradinv.models.cnn6 import CNN6
@@ -25,6 +26,7 @@ from gradinv.models.training import train_model
 
 __all__ = [
     "CNN6",
+    "MIN_MODEL_IMAGE_SIZE",
     "MLP",
     "MODELS",
     "MODEL_INFO",
@@ -34,6 +36,8 @@ __all__ = [
     "ModelInfo",
     "ResNet",
     "build_model",
+    "check_image_size",
+    "check_options",
     "classifier_layer",
     "list_models",
     "register_model",
@@ -68,6 +72,22 @@ def _check_options(name: str, builder: object, options: dict[str, object]) -> No
         raise ConfigError(f"model {name!r} has no option {', '.join(map(repr, unknown))}; its options: {known}")
 
 
+def check_image_size(name: str, image_size: int) -> None:
+    """Raise a one-line :class:`ShapeError` unless the registered model ``name`` is built for ``image_size``
+    px square images: a positive integer of at least the model's ``min_size`` (the builder and a dummy
+    forward pass check the rest, e.g. LeNet's multiples of 4)."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    info = MODEL_INFO[name]
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ShapeError(f"image_size must be a positive integer, got {image_size!r}; {name} takes {info.sizes}")
+    if image_size < info.min_size:
+        raise ShapeError(
+            f"model {name!r} cannot take {image_size}x{image_size} images (it takes {info.sizes}): use "
+            f"--image-size {info.min_size} or more"
+        )
+
+
 def build_model(
     name: str,
     *,
@@ -84,7 +104,8 @@ def build_model(
     forward pass (batch 2, eval mode, no grad) checks that the image size fits.
 
     Raises:
-        ConfigError: unknown name or option, or a non-positive class/channel count.
+        ConfigError: unknown name, an option of the wrong name or type, fewer than 2 classes (cross-entropy
+            over one class is 0: nothing to train or attack) or a non-positive channel count.
         ShapeError: the architecture cannot take ``image_size`` (the message says which sizes work).
     """
     if name not in MODELS:
@@ -92,12 +113,18 @@ def build_model(
     builder = MODELS[name]
     sizes = MODEL_INFO[name].sizes
     _check_positive_int("num_classes", num_classes, ConfigError)
+    if num_classes < 2:
+        raise ConfigError(
+            f"model {name!r} needs at least 2 classes, got {num_classes} (e.g. data with one class, such as a flat "
+            "folder or a single class sub-folder): with one class cross-entropy is 0 and every update is zero; "
+            "put the images in one sub-folder per class (at least two) or pass --num-classes 2 or more"
+        )
     _check_positive_int("in_channels", in_channels, ConfigError)
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ShapeError(f"image_size must be a positive integer, got {image_size!r}; {name} takes {sizes}")
+    check_image_size(name, image_size)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     _check_options(name, builder, options)
+    options = check_options(name, builder, options)
 
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)

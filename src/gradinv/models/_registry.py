@@ -17,6 +17,7 @@ class ModelInfo:
     name: str
     summary: str
     sizes: str
+    min_size: int = 4
 
 
 #: name -> builder, called as ``builder(in_channels=..., num_classes=..., image_size=..., **options)``.
@@ -25,20 +26,26 @@ MODELS: dict[str, Builder] = {}
 MODEL_INFO: dict[str, ModelInfo] = {}
 
 
+#: The smallest image side any model is built for: below it a convolution's window is mostly padding (and
+#: the data loaders make nothing smaller).
+MIN_MODEL_IMAGE_SIZE = 4
+
+
 def register_model(
-    name: str, *, summary: str, sizes: str = "any size of at least 1 pixel"
+    name: str, *, summary: str, sizes: str = "4 pixels or more", min_size: int = MIN_MODEL_IMAGE_SIZE
 ) -> Callable[[Builder], Builder]:
     """Register a builder under ``name``; a new architecture is a new file using this decorator.
 
     ``summary`` is the one line that ``list_models`` shows; ``sizes`` says which square image sizes
-    the architecture takes, for error messages.
+    the architecture takes, for error messages; ``min_size`` is the smallest side it is built for
+    (checked before building, so that too small an image is refused in one line).
     """
 
     def decorate(builder: Builder) -> Builder:
         if name in MODELS:
             raise ValueError(f"model name {name!r} is registered twice")
         MODELS[name] = builder
-        MODEL_INFO[name] = ModelInfo(name=name, summary=summary, sizes=sizes)
+        MODEL_INFO[name] = ModelInfo(name=name, summary=summary, sizes=sizes, min_size=max(1, int(min_size)))
         return builder
 
     return decorate

@@ -62,6 +62,7 @@ class ConvNet(nn.Module):
 @register_model(
     "convnet",
     sizes="9 pixels or more",
+    min_size=9,
     summary="Inverting Gradients ConvNet, 8 conv-BN-ReLU, width=64 (Geiping et al. 2020)",
 )
 def _build(*, in_channels: int, num_classes: int, image_size: int, width: int = 64) -> ConvNet:

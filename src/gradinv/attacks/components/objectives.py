@@ -7,8 +7,6 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from gradinv.errors import ConfigError
-
 Distance = Callable[[Mapping[str, Tensor]], Tensor]
 Objective = Callable[[Mapping[str, Tensor]], Distance]
 """An objective is prepared once from the observed update and returns the distance to evaluate per iteration."""
@@ -36,11 +34,3 @@ def cosine(target: Mapping[str, Tensor]) -> Distance:
 
 
 OBJECTIVES: dict[str, Objective] = {"euclidean": euclidean, "cosine": cosine}
-
-
-def check_matching_settings(name: str, settings) -> None:
-    """Reject iteration counts below one and unknown objectives before an attack starts."""
-    if settings.iterations < 1 or settings.restarts < 1:
-        raise ConfigError(f"{name} needs iterations >= 1 and restarts >= 1")
-    if settings.objective not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {settings.objective!r}: choose one of {sorted(OBJECTIVES)}")

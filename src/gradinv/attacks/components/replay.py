@@ -9,7 +9,6 @@ from torch import Tensor
 
 from gradinv.attacks.components.objectives import Objective
 from gradinv.attacks.components.regularizers import total_variation
-from gradinv.defenses import as_defense
 from gradinv.fl.functional import stateless_twin
 from gradinv.fl.protocols import aggregated_update, cross_entropy
 from gradinv.types import Observation
@@ -19,7 +18,7 @@ def sent_entries(observation: Observation) -> dict[str, Tensor] | None:
     """Masks of the update entries a sparsifying defense (``prune``, ``soteria``) left, or None when the client
     ran no such defense. The server sees the zeros, so an adaptive attack matches only the entries that were
     sent (Balunovic et al. 2022 break Soteria this way)."""
-    if not any(as_defense(spec).sparsifies for spec in observation.defenses):
+    if not any(getattr(d, "sparsifies", False) for d in observation.defenses):
         return None
     return {k: (v != 0).to(v.dtype) for k, v in observation.update.items()}
 

@@ -25,6 +25,7 @@ from gradinv.errors import AttackError, ConfigError, MissingKnowledgeError
 from gradinv.fl.functional import stateless_twin
 from gradinv.fl.protocols import FedAvg
 from gradinv.models import classifier_layer
+from gradinv.registry import Registry
 from gradinv.types import Observation
 
 
@@ -250,14 +251,18 @@ class LabelMethod:
         return self.fn(observation, **options)
 
 
-LABEL_METHODS: dict[str, LabelMethod] = {}
+#: label methods by name (a :class:`~gradinv.registry.Registry` of :class:`LabelMethod` records), filled by
+#: :func:`register_label_method` in each method's file
+LABEL_METHODS: Registry = Registry("label method")
 
 
 def register_label_method(
     name: str, *, summary: str, gives_counts: bool, iterative: bool = False, options: tuple[str, ...] = ()
 ) -> Callable[[LabelFn], LabelFn]:
+    """Function decorator: register ``fn`` in :data:`LABEL_METHODS` as ``name``."""
+
     def wrap(fn: LabelFn) -> LabelFn:
-        LABEL_METHODS[name] = LabelMethod(name, fn, summary, gives_counts, iterative, options)
+        LABEL_METHODS.register(LabelMethod(name, fn, summary, gives_counts, iterative, options))
         return fn
 
     return wrap
