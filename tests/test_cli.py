@@ -287,7 +287,7 @@ def test_a_captured_update_replays_its_own_client(tmp_path, capsys):
 def test_out_that_cannot_be_written_fails_before_any_work(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    for out in (str(blocker / "sub"), str(blocker)):
+    for out in (str(blocker / "sub"), str(blocker), "/proc/gradinv-x"):
         for argv in (["attack", "analytic"], ["capture"], ["labels", "ilrg"]):
             code, _, err = _run([*argv, *FAST, "--out", out], capsys)
             assert code == 2 and "--out" in err and err.count("\n") == 1, (argv, out, err)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -353,11 +354,16 @@ def _check_out(out: Path | None) -> None:
         return
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' exists and is not a folder: choose a folder path")
-    probe = out
+    probe = out.absolute()
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out '{out}' cannot be written ('{probe}' is not a writable folder): choose another path")
+    try:  # the only sure test (root passes os.access everywhere, /proc refuses anyway): make and drop a folder
+        if not probe.is_dir():
+            raise NotADirectoryError(f"'{probe}' is a file")
+        os.rmdir(tempfile.mkdtemp(prefix=".gradinv-probe-", dir=probe))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"--out '{out}' cannot be written ({reason}): choose another folder") from None
 
 
 # -- commands -----------------------------------------------------------------------------------------------------

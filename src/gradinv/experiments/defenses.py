@@ -149,8 +149,13 @@ def bench_defenses(
                 other_keys=utility_keys,
                 **run,
             )
-            if utility_steps:
-                records += _utility(store, case, specs, utility_steps, cache)
+            if utility_steps:  # in the sweep's thread count, like its cells
+                previous = torch.get_num_threads()
+                torch.set_num_threads(run.get("threads") or previous)
+                try:
+                    records += _utility(store, case, specs, utility_steps, cache)
+                finally:
+                    torch.set_num_threads(previous)
             store.set_meta(name=f"{attack} vs defenses", grid=config)
         result = {"config": config, "trials": records, "summary": summarize(records, specs)}
         if out is not None:

@@ -20,6 +20,7 @@ before any runs.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -215,6 +216,12 @@ def cell_from_row(row: Mapping[str, Any], attack_options: Mapping[str, Mapping[s
     model_options = {**model_options, **dict(row.pop("model_options", {}) or {})}
     seed = int(row.pop("seed", 0))
     model_seed = int(row.pop("model_seed", 0))  # one model for every client batch of the grid
+    seeds = Seeds(model=model_seed, data=seed, defense=seed, attack=seed)
+    if isinstance(row.get("seeds"), Mapping):  # a cell may name its four seeds: {model: 0, data: 22, attack: 0}
+        try:
+            seeds = Seeds(**{**dataclasses.asdict(seeds), **row.pop("seeds")})
+        except TypeError:
+            raise ConfigError("a cell's seeds name model, data, defense and attack, e.g. {model: 0, data: 3}") from None
     row.pop("name", None)
     defenses = row.pop("defenses", ())
     if isinstance(defenses, str):
@@ -224,7 +231,7 @@ def cell_from_row(row: Mapping[str, Any], attack_options: Mapping[str, Mapping[s
         "model_options": model_options,
         "protocol": parse_protocol(row.pop("protocol", "fedsgd")),
         "defenses": tuple(defenses or ()),
-        "seeds": Seeds(model=model_seed, data=seed, defense=seed, attack=seed),
+        "seeds": seeds,
     }
     for key, value in row.items():
         if key in ("data", "weights", "update") and value is not None:
@@ -266,6 +273,7 @@ def run_grid(
         records = run_cells(
             grid.cells,
             store,
+            compare_clean=True,
             executor=executor,
             workers=workers,
             address=address,

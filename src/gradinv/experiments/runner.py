@@ -291,7 +291,7 @@ def _run_attack(cell: Cell, client: Client, record: RunRecord, *, progress: bool
     record.labels_recovered = rec.labels.tolist() if rec.labels is not None else None
     record.seconds = round(rec.seconds, 3)
     record.final_cost = rec.trace[-1].cost if rec.trace else None
-    record.details = {k: v for k, v in rec.extras.items() if isinstance(v, int | float | list)}
+    record.details = {k: v for k, v in rec.extras.items() if isinstance(v, int | float | str | list)}
     truth = client.truth
     if truth is None:
         return CellResult(record, reconstruction=rec, client=client)
