@@ -295,7 +295,7 @@ def markdown(result: Mapping[str, Any]) -> str:
     scale = result["scale"]
     lines = [
         f"Headline results, {scale} scale"
-        + (" (the papers' budgets: meant for a GPU)" if scale == "paper" else " (about 30 min on 2 CPU cores)"),
+        + (" (the papers' budgets: meant for a GPU)" if scale == "paper" else " (within 30 min on 2 CPU cores)"),
         "",
         "| entry | paper | the paper's number | our setting | ours | check | s |",
         "| --- | --- | --- | --- | --- | --- | --- |",
