@@ -268,6 +268,9 @@ class ModelCache:
             self.builds += 1
         return copy.deepcopy(self._models[key])
 
+    def __contains__(self, case: Case) -> bool:
+        return case.model_key() in self._models
+
     def put(self, case: Case, model: nn.Module) -> None:
         """Seed the cache with a model built elsewhere (e.g. by the parent of a worker process)."""
         self._models[case.model_key()] = model

@@ -84,15 +84,12 @@ def _worker_run(
     if _WORKER_CACHE is None:
         _WORKER_CACHE = ModelCache()
     cache = _WORKER_CACHE
-    if state is not None and cell.case.model_key() not in cache._models:
-        model = ModelCache()._build(cell.case.replace(trained_steps=0, weights=None), num_classes=_classes(cell, cache))
+    if state is not None and cell.case not in cache:  # the parent trained it: rebuild the architecture, load
+        bare = cell.case.replace(trained_steps=0, weights=None)
+        model = cache.model(bare, num_classes=num_classes(cell.case, cache))
         model.load_state_dict(state)
         cache.put(cell.case, model)
     return _run_one(cell, cache, threads, Path(image_path) if image_path else None, compare_clean)
-
-
-def _classes(cell: Cell, cache: ModelCache) -> int:
-    return num_classes(cell.case, cache)
 
 
 @dataclass

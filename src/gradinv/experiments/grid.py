@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,13 +243,6 @@ def cell_from_row(row: Mapping[str, Any], attack_options: Mapping[str, Mapping[s
         raise ConfigError(f"a cell has an unknown field: {exc}") from None
     settings = dict((attack_options or {}).get(attack, {}))
     return Cell(case, attack, tuple(settings.items()))
-
-
-def grid_of(cases: Sequence[Case], attacks: Sequence[str], *, attack_options=None, name: str = "grid") -> Grid:
-    """A grid of given cases x attacks (what the audit and the benchmarks build in Python)."""
-    options = attack_options or {}
-    cells = tuple(Cell(case, a, tuple(dict(options.get(a, {})).items())) for case in cases for a in attacks)
-    return Grid(cells=cells, spec={"attacks": list(attacks), "cases": [c.to_dict() for c in cases]}, name=name)
 
 
 def run_grid(

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import os
 import platform
 import time
 from collections.abc import Mapping
@@ -22,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradinv.attacks import ATTACKS, build_attack
-from gradinv.attacks.labels import LABEL_METHODS, check_methods, recover_labels
+from gradinv.attacks import build_attack
+from gradinv.attacks.labels import check_methods, recover_labels
 from gradinv.defenses import dp_epsilon
 from gradinv.errors import ConfigError, GradinvError
 from gradinv.experiments.case import Case, Client, ModelCache, build_client, spec_of
@@ -176,31 +174,7 @@ class RunRecord:
         if data.get("update") is not None:  # the defenses and clients are the captured file's, not the case's
             observed = {"observed_defenses": data.get("defenses"), "observed_clients": data.get("clients")}
             data = {**data, "defenses": [], "clients": 1}
-        case = Case.from_dict(
-            {
-                k: data[k]
-                for k in (
-                    "model",
-                    "model_options",
-                    "weights",
-                    "num_classes",
-                    "trained_steps",
-                    "train_data",
-                    "data",
-                    "image_size",
-                    "batch_size",
-                    "protocol",
-                    "clients",
-                    "defenses",
-                    "train_mode",
-                    "known_labels",
-                    "server",
-                    "update",
-                    "seeds",
-                )
-                if k in data
-            }
-        )
+        case = Case.from_dict({f.name: data[f.name] for f in dataclasses.fields(Case) if f.name in data})
         names = {f.name for f in dataclasses.fields(cls)} - {"case"}
         return cls(case=case, **{k: v for k, v in data.items() if k in names}, **observed)
 
@@ -214,10 +188,6 @@ class CellResult:
     truth_images: Tensor | None = None
     scored_images: Tensor | None = None  # one reconstruction per true image, in the truth's order
     client: Client | None = None
-
-
-def _finite(x: float | None) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
 def run_cell(
@@ -265,13 +235,8 @@ def run_cell(
 
 def _epsilon(client: Client) -> float | None:
     obs = client.observation
-    defenses = [d for d in obs.defenses if not isinstance(d, str)]
-    if len(defenses) != len(obs.defenses):
-        from gradinv.defenses import as_defense
-
-        defenses = [as_defense(d) for d in obs.defenses]
     return dp_epsilon(
-        defenses,
+        obs.defenses,
         protocol=obs.protocol,
         num_samples=client.case.batch_size // obs.clients,  # the smallest share: its samples take the most steps
     )
@@ -373,9 +338,4 @@ def _is_decline(exc: GradinvError) -> bool:
     return isinstance(exc, AttackError | MissingKnowledgeError)
 
 
-def describe_threads() -> dict[str, Any]:
-    """Thread settings of this process (recorded beside timings)."""
-    return {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
-
-
-__all__ = ["Cell", "CellResult", "RunRecord", "run_cell", "LABELS", "LABEL_METHODS", "ATTACKS", "spec_of"]
+__all__ = ["LABELS", "Cell", "CellResult", "RunRecord", "run_cell"]
