@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--name", default="invgrad_quality")
     p.add_argument(
-        "--settings", default="{}", help="extra invgrad settings as a Python dict literal, e.g. \"{'tv_weight': 1e-3}\""
+        "--settings", default="{}", help="extra invgrad settings as a Python dict literal, e.g. \"{'tv': 1e-3}\""
     )
     args = p.parse_args()
     run = setup(args)

@@ -6,6 +6,7 @@ from torch.func import grad, vmap
 
 from gradinv.attacks import ATTACKS, build_attack
 from gradinv.attacks.components.objectives import cosine
+from gradinv.attacks.components.priors import total_variation
 from gradinv.attacks.components.replay import matching_cost
 from gradinv.attacks.labels import recover_labels
 from gradinv.data import load_dataset, sample_batch
@@ -86,7 +87,7 @@ def test_idlg_label_rule_without_bias_and_for_fedavg(digits32):
 def test_batched_restarts_equal_separate_runs(photos32):
     """vmap over restarts computes exactly what a loop over restarts computes (oracle test)."""
     sc = _scenario(photos32, build_model("convnet", num_classes=9, width=8, seed=0))
-    cost = matching_cost(sc.observe(), objective=cosine, tv_weight=1e-4)
+    cost = matching_cost(sc.observe(), objective=cosine, prior=lambda x: 1e-4 * total_variation(x))
     xs = torch.randn(3, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     batched = vmap(grad(cost), in_dims=(0, None))(xs, sc.labels)
     for r in range(3):
@@ -179,8 +180,8 @@ def test_known_labels_are_used(digits32):
 def test_run_cell_passes_attack_settings():
     from gradinv.experiments import Case, Cell, run_cell
 
-    r = run_cell(Cell(Case(model="lenet", data="digits"), "invgrad", (("iterations", 2), ("tv_weight", 0.5))))
-    assert r.reconstruction.settings["tv_weight"] == 0.5 and r.record.to_dict()["iterations"] == 2
+    r = run_cell(Cell(Case(model="lenet", data="digits"), "invgrad", (("iterations", 2), ("tv", 0.5))))
+    assert r.reconstruction.settings["tv"] == 0.5 and r.record.to_dict()["iterations"] == 2
 
 
 def test_any_user_module_works_through_the_api(digits32):
@@ -250,10 +251,10 @@ def test_a_bad_setting_is_refused_at_construction_with_the_closest_choice():
 def test_every_bad_setting_is_named_in_one_error():
     with pytest.raises(ConfigError) as err:
         build_attack(
-            "invgrad", iterations=0, restarts=0, tv_weight=-1.0, objective="cosin", lr="fast", bogus=1, log_every=0
+            "invgrad", iterations=0, restarts=0, tv=-1.0, objective="cosin", lr="fast", bogus=1, log_every=0
         )
     message = str(err.value)
-    for part in ("bogus", "iterations must be >= 1", "restarts must be >= 1", "tv_weight must be >= 0", "cosine"):
+    for part in ("bogus", "iterations must be >= 1", "restarts must be >= 1", "tv must be >= 0", "cosine"):
         assert part in message, part
     assert "lr must be float, got 'fast'" in message and "log_every" in message and "\n" not in message
     with pytest.raises(ConfigError) as err:

@@ -144,7 +144,7 @@ def _add_attack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=_positive, help="attack iterations (default: the paper's)")
     p.add_argument("--restarts", type=_positive, help="random restarts of iterative attacks (default 1)")
     _add_key_values(
-        p, "--attack-option", "one of the attack's settings, repeatable (e.g. smooth=0.1 for copa, tv_weight=0.01)"
+        p, "--attack-option", "one of the attack's settings, repeatable (e.g. smooth=0.1 for copa, tv=0.01)"
     )
 
 
@@ -629,9 +629,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from gradinv.defenses import DEFENSES
     from gradinv.models import list_models
 
-    print("attacks:")
+    print("attacks (survey Table 1 row: initialisation | objective | optimiser | priors):")
     for name in sorted(ATTACKS):
-        print(f"  {name:<12} {ATTACKS[name].summary}")
+        attack = ATTACKS[name]
+        print(f"  {name:<14} {attack.summary}")
+        row = attack.table1
+        if row:
+            parts = (row.get(k, "-") for k in ("initialisation", "objective", "optimiser", "priors"))
+            print(f"  {'':<14}   {' | '.join(parts)}")
     print("label methods (gradinv labels METHOD; labels:METHOD in a grid):")
     for name in sorted(LABEL_METHODS):
         m = LABEL_METHODS[name]

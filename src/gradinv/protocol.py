@@ -51,12 +51,16 @@ class FedAvg:
     """K local SGD steps with a local batch size and learning rate (the server sees ``weight_delta``).
 
     Local step ``k`` uses samples ``[k*b, (k+1)*b)`` of the client's batch, cycling; ``local_batch_size``
-    ``None`` means full batch.
+    ``None`` means full batch. ``shuffle``: the client draws a fresh random order of its ``n`` samples for every
+    epoch (every ``n`` sample visits) with private randomness the server never sees, as FedAvg clients do
+    (Dimitrov et al., TMLR 2022); step ``k`` then takes positions ``[k*b, (k+1)*b)`` of the epochs' concatenated
+    orders.
     """
 
     local_steps: int = 1
     lr: float = 0.1
     local_batch_size: int | None = None
+    shuffle: bool = False
     name: ClassVar[str] = "fedavg"
     primary: ClassVar[str | None] = "local_steps"
 
@@ -79,6 +83,8 @@ class FedAvg:
             "local_steps": self.local_steps,
             "lr": self.lr,
             "local_batch_size": self.local_batch_size,
+            # written only when set, so records of clients that keep the fixed order stay as they were
+            **({"shuffle": True} if self.shuffle else {}),
         }
 
     def spec(self) -> str:

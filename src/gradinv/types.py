@@ -132,6 +132,9 @@ class ThreatModel:
     known_num_samples: bool = True
     known_input_shape: bool = True
     known_normalization: bool = True
+    #: the per-channel mean and variance of every BatchNorm layer's input on the client's batch (GradAttack's
+    #: "BN exact" threat model, Huang et al. 2021: a strong assumption, off by default)
+    known_bn_statistics: bool = False
     #: ``None``: an honest server sends the model as it is. A malicious server sends a modified model: any
     #: object with ``modify(model) -> nn.Module`` (see :mod:`gradinv.fl.malicious`).
     server: Any = None
@@ -145,6 +148,8 @@ class Knowledge:
     num_samples: int | None = None
     labels: Tensor | None = None
     normalization: Normalization | None = None
+    #: BatchNorm layer name -> (mean, variance) per channel of its input on the client's batch
+    bn_statistics: Mapping[str, tuple[Tensor, Tensor]] | None = None
 
     def missing(self, required: Sequence[str]) -> list[str]:
         """Names in ``required`` that this record does not provide."""

@@ -81,6 +81,12 @@ def _every_layer_input(observation: Observation) -> dict[str, Tensor]:
 class AnalyticFC(Attack):
     name = "analytic"
     summary = "Analytic inversion of a fully connected layer with bias (Phong et al. 2018), exact at batch 1"
+    table1 = {
+        "initialisation": "-",
+        "objective": "dL/dW_i / dL/db_i of the first fully connected layer",
+        "optimiser": "closed form",
+        "priors": "-",
+    }
     Settings = AnalyticSettings
     requires = ("num_samples",)
 

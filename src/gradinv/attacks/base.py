@@ -70,6 +70,8 @@ class Attack(Configurable, ABC):
     summary: ClassVar[str]
     Settings: ClassVar[type]
     requires: ClassVar[tuple[str, ...]] = ()
+    #: the paper's row of the survey's Table 1 (Zhang et al. 2022): initialisation, objective, optimiser, priors
+    table1: ClassVar[dict[str, str]] = {}
 
     def check(self, observation: Observation) -> None:
         """Raise one error naming every piece of knowledge this attack needs and the observation lacks."""

@@ -204,6 +204,12 @@ def levenberg_marquardt(
 class COPA(Attack):
     name = "copa"
     summary = "COPA (Chen & Campbell 2021): R-GAP's recursion, then joint least squares from a deficient layer down"
+    table1 = {
+        "initialisation": "R-GAP or least squares",
+        "objective": "gradient constraints as linear equations, all layers jointly",
+        "optimiser": "least squares",
+        "priors": "smoothness (optional)",
+    }
     Settings = COPASettings
     requires = ("input_shape", "num_samples")
 

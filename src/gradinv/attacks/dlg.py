@@ -41,6 +41,11 @@ class LBFGSMatchingSettings:
     log_every: int = 10
     #: match only the entries a pruning defense sent (see ``replay.matching_cost``)
     adaptive: bool = True
+    #: stop a restart when its best cost has not improved by ``min_improvement`` (relative) for this many steps
+    patience: int = 0
+    min_improvement: float = 1e-4
+    #: stop after this many seconds (all restarts together); 0: no budget
+    time_budget: float = 0.0
 
     def problems(self) -> list[str]:
         return [
@@ -53,6 +58,9 @@ class LBFGSMatchingSettings:
             *one_of("objective", self.objective, sorted(OBJECTIVES)),
             *label_method_problems(self.label_method),
             *at_least("log_every", self.log_every, 1),
+            *at_least("patience", self.patience, 0),
+            *at_least("min_improvement", self.min_improvement, 0),
+            *at_least("time_budget", self.time_budget, 0),
         ]
 
 
@@ -91,7 +99,11 @@ class _LBFGSAttack(Attack):
         restart_costs = []
         trace = []
         counts = {"lbfgs_iterations": 0, "evaluations": 0}
+        stopped = "iterations"
+        deadline = start + s.time_budget if s.time_budget else None
         for r in range(s.restarts):
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
             x0 = torch.randn((k.num_samples, *k.input_shape), generator=generator).to(observation.device)
             y0 = None if labels is not None else torch.randn((k.num_samples, num_classes), generator=generator)
             y0 = None if y0 is None else y0.to(observation.device)
@@ -109,7 +121,11 @@ class _LBFGSAttack(Attack):
                 progress=progress,
                 callback=callback,
                 start=start,
+                patience=s.patience,
+                min_improvement=s.min_improvement,
+                deadline=deadline,
             )
+            stopped = run_counts["stopped"]
             restart_costs.append(value)
             counts = {k: counts[k] + run_counts[k] for k in counts}
             trace.extend(run_trace)
@@ -122,7 +138,7 @@ class _LBFGSAttack(Attack):
             labels=out_labels,
             label_source=label_source,
             trace=tuple(trace),
-            extras={"restart_costs": restart_costs, "best_restart": best_restart, **counts},
+            extras={"restart_costs": restart_costs, "best_restart": best_restart, "stopped": stopped, **counts},
         )
 
 
@@ -130,6 +146,12 @@ class _LBFGSAttack(Attack):
 class DLG(_LBFGSAttack):
     name = "dlg"
     summary = "Deep Leakage from Gradients (Zhu et al. 2019): joint data + soft-label L-BFGS, Euclidean"
+    table1 = {
+        "initialisation": "Gaussian (data), Gaussian logits (labels)",
+        "objective": "Euclidean distance",
+        "optimiser": "L-BFGS",
+        "priors": "none",
+    }
 
     def _labels(self, observation: Observation) -> tuple[Tensor | None, str]:
         if observation.knowledge.labels is not None:

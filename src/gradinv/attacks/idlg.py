@@ -19,6 +19,12 @@ from gradinv.types import Observation
 class IDLG(_LBFGSAttack):
     name = "idlg"
     summary = "iDLG (Zhao et al. 2020): label from the last layer's gradient signs, then L-BFGS on the data"
+    table1 = {
+        "initialisation": "Gaussian",
+        "objective": "Euclidean distance",
+        "optimiser": "L-BFGS",
+        "priors": "none (label read from the last layer's gradient)",
+    }
 
     def _labels(self, observation: Observation) -> tuple[Tensor | None, str]:
         return labels_for(observation, method=self.settings.label_method)

@@ -129,6 +129,12 @@ def _planted_layer_declines(observation: Observation, name: str) -> list[str]:
 class RobbingTheFed(Attack):
     name = "rtf"
     summary = "Robbing the Fed (Fowl et al. 2022): a malicious imprint block, one sample per occupied bin"
+    table1 = {
+        "initialisation": "-",
+        "objective": "bin differences of a planted imprint layer",
+        "optimiser": "closed form (malicious server)",
+        "priors": "-",
+    }
     Settings = RobbingTheFedSettings
     requires = ()
 
@@ -264,6 +270,12 @@ class TrapWeights(Attack):
 
     name = "trap-weights"
     summary = "Trap weights (Boenisch et al. 2023): rows a single sample activates give it as dW_r / db_r"
+    table1 = {
+        "initialisation": "-",
+        "objective": "rows a single sample activates",
+        "optimiser": "closed form (malicious server)",
+        "priors": "-",
+    }
     Settings = TrapWeightsSettings
     requires = ()
 

@@ -40,6 +40,12 @@ def _derivative_from_output(layer: ChainLayer, h: Tensor) -> Tensor:
 class PPDLSPN(Attack):
     name = "ppdl-spn"
     summary = "PPDL-SPN (Fan et al. 2020): a conv layer as its stacked-filter FC equivalent, solved linearly"
+    table1 = {
+        "initialisation": "-",
+        "objective": "conv layer as stacked-filter FC equations",
+        "optimiser": "least squares",
+        "priors": "-",
+    }
     Settings = LabelSettings
     requires = ("input_shape", "num_samples")
 

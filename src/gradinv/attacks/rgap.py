@@ -271,6 +271,12 @@ def descend(
 class RGAP(Attack):
     name = "rgap"
     summary = "R-GAP (Zhu & Blaschko 2021): layer-by-layer closed-form recursion, batch 1, invertible activations"
+    table1 = {
+        "initialisation": "-",
+        "objective": "weight constraints + forward constraints per layer",
+        "optimiser": "recursive least squares",
+        "priors": "-",
+    }
     Settings = LabelSettings
     requires = ("input_shape", "num_samples")
 

@@ -62,3 +62,31 @@ def layer_input(
         raise ConfigError(f"the forward pass never reached layer {layer!r}")
 
     return f
+
+
+def batch_statistics(model: nn.Module, modules: list[str]) -> Callable[..., dict[str, tuple[Tensor, Tensor]]]:
+    """``stats(params, buffers, x)``: per-channel mean and (biased) variance of the inputs of ``modules``
+    (BatchNorm layers of ``model``, a stateless twin) on the batch ``x``."""
+    handles_for = {name: model.get_submodule(name) for name in modules}
+
+    def stats(
+        params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        seen: dict[str, tuple[Tensor, Tensor]] = {}
+        handles = []
+        for name, module in handles_for.items():
+
+            def hook(_m: nn.Module, args: tuple, name: str = name) -> None:
+                a = args[0]
+                dims = [0, *range(2, a.dim())]
+                seen[name] = (a.mean(dims), a.var(dims, unbiased=False))
+
+            handles.append(module.register_forward_pre_hook(hook))
+        try:
+            functional_call(model, (dict(params), dict(buffers)), (x,))
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+
+    return stats

@@ -41,8 +41,19 @@ def loss_gradient(
     targets: Tensor,
     *,
     loss_fn: LossFn = cross_entropy,
+    autograd: bool = False,
 ) -> Params:
-    """Gradient of ``loss_fn(model(inputs), targets)`` with respect to ``params``, differentiable in inputs."""
+    """Gradient of ``loss_fn(model(inputs), targets)`` with respect to ``params``, differentiable in inputs.
+
+    ``autograd``: take it with ``torch.autograd.grad(create_graph=True)`` instead of ``torch.func.grad``; the
+    parameters must then require grad (leaves or functions of leaves). Cheaper for one candidate outside ``vmap``
+    (no transform wrappers); ``torch.func`` is what ``vmap`` over restarts needs.
+    """
+    if autograd:
+        names = list(params)
+        loss = loss_fn(functional_call(model, (dict(params), buffers), (inputs,)), targets)
+        grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=True)
+        return dict(zip(names, grads, strict=True))
 
     def loss_of(p: Params) -> Tensor:
         return loss_fn(functional_call(model, (p, buffers), (inputs,)), targets)
@@ -59,20 +70,30 @@ def client_update(
     targets: Tensor,
     *,
     loss_fn: LossFn = cross_entropy,
+    autograd: bool = False,
+    order: Tensor | None = None,
 ) -> Params:
     """What the client shares under ``protocol``: a gradient (FedSGD) or a weight delta (FedAvg).
 
-    Pure and differentiable in ``inputs`` and ``targets``: attacks replay it on dummy data.
+    Pure and differentiable in ``inputs`` and ``targets``: attacks replay it on dummy data (``autograd``: see
+    :func:`loss_gradient`). ``order`` (FedAvg): the sample indices the local steps visit, at least
+    ``local_steps * b`` of them, step ``k`` taking ``order[k*b:(k+1)*b]`` (a shuffling client's per-epoch
+    permutations, concatenated); None: the fixed cyclic order ``0, 1, ..., n-1, 0, 1, ...``.
     """
     if isinstance(protocol, FedSGD):
-        return loss_gradient(model, params, buffers, inputs, targets, loss_fn=loss_fn)
+        return loss_gradient(model, params, buffers, inputs, targets, loss_fn=loss_fn, autograd=autograd)
     if isinstance(protocol, FedAvg):
         n = inputs.shape[0]
         b = protocol.local_batch_size or n
+        if order is not None and order.numel() < protocol.local_steps * b:
+            raise ConfigError(
+                f"order has {order.numel()} sample indices but {protocol.local_steps} local steps of {b} need "
+                f"{protocol.local_steps * b}: give one index per sample visit"
+            )
         current = dict(params)
         for step in range(protocol.local_steps):
-            idx = torch.arange(step * b, step * b + b) % n
-            g = loss_gradient(model, current, buffers, inputs[idx], targets[idx], loss_fn=loss_fn)
+            idx = torch.arange(step * b, step * b + b) % n if order is None else order[step * b : step * b + b]
+            g = loss_gradient(model, current, buffers, inputs[idx], targets[idx], loss_fn=loss_fn, autograd=autograd)
             current = {k: current[k] - protocol.lr * g[k] for k in current}
         return {k: current[k] - params[k] for k in current}
     raise ConfigError(f"unknown protocol {protocol!r}: use FedSGD() or FedAvg(...)")
@@ -105,14 +126,18 @@ def aggregated_update(
     *,
     clients: int = 1,
     loss_fn: LossFn = cross_entropy,
+    autograd: bool = False,
 ) -> Params:
     """What the server sees when ``clients`` clients share the batch (split by :func:`client_slices`) and only
     the weighted mean of their updates is revealed (secure aggregation, Bonawitz et al. 2017). Pure and
     differentiable in ``inputs`` and ``targets``, as :func:`client_update`."""
     if clients == 1:
-        return client_update(protocol, model, params, buffers, inputs, targets, loss_fn=loss_fn)
+        return client_update(protocol, model, params, buffers, inputs, targets, loss_fn=loss_fn, autograd=autograd)
     parts = client_slices(inputs.shape[0], clients)
-    updates = [client_update(protocol, model, params, buffers, inputs[s], targets[s], loss_fn=loss_fn) for s in parts]
+    updates = [
+        client_update(protocol, model, params, buffers, inputs[s], targets[s], loss_fn=loss_fn, autograd=autograd)
+        for s in parts
+    ]
     return aggregate(updates, [s.stop - s.start for s in parts])
 
 

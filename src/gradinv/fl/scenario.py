@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from gradinv.errors import ConfigError, DataError, ShapeError
 from gradinv.fl.client import STAGES, ClientBatch, ClientState
-from gradinv.fl.functional import stateless_twin
+from gradinv.fl.functional import batch_statistics, stateless_twin
 from gradinv.fl.protocols import FedSGD, LossFn, Protocol, aggregate, client_slices, client_update, cross_entropy
 from gradinv.models import classifier_layer
 from gradinv.types import (
@@ -145,6 +145,7 @@ class Scenario:
             num_samples=int(self.inputs.shape[0]) if t.known_num_samples else None,
             labels=self.labels.clone() if t.known_labels else None,
             normalization=self.norm if t.known_normalization else None,
+            bn_statistics=self.bn_statistics(model) if t.known_bn_statistics else None,
         )
         return Observation(
             model=sent,
@@ -157,6 +158,17 @@ class Scenario:
             defenses=self.defenses,
             clients=self.clients,
         )
+
+    def bn_statistics(self, model: nn.Module | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per BatchNorm layer of ``model`` (default: the sent model), the per-channel mean and (biased)
+        variance of its input on the client's whole batch, computed as the client's forward pass does (in the
+        scenario's mode). What GradAttack's "BN exact" threat model hands the attacker (Huang et al. 2021)."""
+        model = self.sent_model() if model is None else model
+        twin = stateless_twin(model, train_mode=self.train_mode)
+        names = [n for n, m in twin.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        params, buffers = named_state(model)
+        with torch.no_grad():
+            return batch_statistics(twin, names)(params, buffers, self.inputs.detach())
 
     def _client_round(
         self,
@@ -173,6 +185,11 @@ class Scenario:
                 batch = defense.transform(batch, generator=generator)
             elif defense.stage == "model":
                 twin = defense.transform(twin, generator=generator)
+        order = None
+        if getattr(self.protocol, "shuffle", False):  # a fresh private order of the samples every epoch
+            n = batch.inputs.shape[0]
+            visits = self.protocol.local_steps * (self.protocol.local_batch_size or n)
+            order = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-visits // n))])
         with torch.no_grad():
             update = client_update(
                 self.protocol,
@@ -182,6 +199,7 @@ class Scenario:
                 batch.inputs,
                 batch.targets,
                 loss_fn=_logits_checked(self.loss_fn),
+                order=order,
             )
         client = ClientState(
             model=twin,

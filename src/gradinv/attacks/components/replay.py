@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from gradinv.attacks.components.objectives import Objective
-from gradinv.attacks.components.regularizers import total_variation
 from gradinv.fl.functional import stateless_twin
 from gradinv.fl.protocols import aggregated_update, cross_entropy
 from gradinv.types import Observation
@@ -27,35 +26,49 @@ def matching_cost(
     observation: Observation,
     *,
     objective: Objective,
-    tv_weight: float = 0.0,
+    weights: Mapping[str, float] | None = None,
+    prior: Callable[[Tensor], Tensor] | None = None,
     adaptive: bool = True,
+    autograd: bool = False,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """``cost(x, y)``: distance between the update that candidate data ``(x, y)`` would produce under the
-    observed protocol and the observed update, plus ``tv_weight`` times total variation of ``x``.
+    observed protocol and the observed update (per-parameter ``weights``), plus ``prior(x)``.
 
     ``adaptive``: where the observation says the client pruned its update (``prune``, ``soteria``), compare
     only the entries it sent, as a server that knows the protocol would.
 
     The function is pure (``torch.func``-friendly): ``vmap`` it over restarts, or differentiate it with
-    autograd. ``y`` holds class indices or soft labels (probabilities).
+    autograd. ``autograd=True`` replays the client with ``torch.autograd.grad`` (one candidate, outside
+    ``vmap``; cheaper there, see :func:`gradinv.fl.protocols.loss_gradient`). ``y`` holds class indices or soft
+    labels (probabilities).
     """
     twin = stateless_twin(observation.model, train_mode=observation.train_mode)
     params = {k: v.detach() for k, v in observation.parameters.items()}
+    if autograd:
+        params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     buffers = {k: v.detach().clone() for k, v in observation.buffers.items()}
     target = {k: v.detach() for k, v in observation.update.items()}
     protocol = observation.protocol
-    distance = objective(target)
+    distance = objective(target, weights=weights)
     mask = sent_entries(observation) if adaptive else None
 
     def cost(x: Tensor, y: Tensor) -> Tensor:
         update = aggregated_update(
-            protocol, twin, params, buffers, x, y, clients=observation.clients, loss_fn=cross_entropy
+            protocol,
+            twin,
+            params,
+            buffers,
+            x,
+            y,
+            clients=observation.clients,
+            loss_fn=cross_entropy,
+            autograd=autograd,
         )
         if mask is not None:
             update = {k: update[k] * mask[k] for k in update}
         value = distance(update)
-        if tv_weight:
-            value = value + tv_weight * total_variation(x)
+        if prior is not None:
+            value = value + prior(x)
         return value
 
     return cost

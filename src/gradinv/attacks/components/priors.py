@@ -1,0 +1,129 @@
+"""Priors on the candidate data, added to the gradient-matching objective (survey Table 1, "regularisers").
+
+Each prior is prepared once from the observation (and the labels the attack uses) and returns a pure function of
+one restart's candidate batch ``x`` (``torch.func``-friendly, so the engine can ``vmap`` it over restarts).
+Group consistency couples the restarts and is applied by the engine itself (:func:`group_consistency`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from gradinv.errors import ConfigError
+from gradinv.fl.functional import batch_statistics, stateless_twin
+from gradinv.types import Observation
+
+Prior = Callable[[Tensor], Tensor]
+
+
+def total_variation(x: Tensor) -> Tensor:
+    """Anisotropic total variation: mean absolute difference of neighbouring pixels (Rudin et al. 1992),
+    as used by Inverting Gradients (Geiping et al. 2020). ``x`` is (..., H, W)."""
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    return dx + dy
+
+
+def l2_norm(x: Tensor) -> Tensor:
+    """Mean squared value of the candidate (GradInversion's ``R_l2``, Yin et al. 2021, Eq. 9)."""
+    return x.pow(2).mean()
+
+
+def bn_targets(observation: Observation) -> dict[str, tuple[Tensor, Tensor]]:
+    """The per-channel mean and variance each BatchNorm layer's input should have: the client batch's own
+    statistics when the threat model gives them (GradAttack's "BN exact", Huang et al. 2021), else the running
+    statistics the server sent (GradInversion, Yin et al. 2021, Eq. 10: a trained model's running statistics
+    summarise its training data)."""
+    known = observation.knowledge.bn_statistics
+    if known is not None:
+        return {k: (m.detach(), v.detach()) for k, (m, v) in known.items()}
+    targets = {}
+    for name, module in observation.model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            mean = observation.buffers.get(f"{name}.running_mean" if name else "running_mean")
+            var = observation.buffers.get(f"{name}.running_var" if name else "running_var")
+            if mean is not None and var is not None:
+                targets[name] = (mean.detach(), var.detach())
+    return targets
+
+
+def bn_statistics(observation: Observation) -> Prior:
+    """GradInversion's BatchNorm prior (Yin et al. 2021, Eq. 10): ``sum_l ||mu_l(x) - mu_l||_2 +
+    ||sigma^2_l(x) - sigma^2_l||_2`` over the BatchNorm layers, against :func:`bn_targets`."""
+    targets = bn_targets(observation)
+    if not targets:
+        raise ConfigError("the BatchNorm prior needs a model with BatchNorm layers: set its weight to 0 for this model")
+    twin = stateless_twin(observation.model, train_mode=False)
+    params = {k: v.detach() for k, v in observation.parameters.items()}
+    buffers = {k: v.detach() for k, v in observation.buffers.items()}
+    stats = batch_statistics(twin, list(targets))
+
+    def prior(x: Tensor) -> Tensor:
+        seen = stats(params, buffers, x)
+        return sum(
+            torch.linalg.vector_norm(seen[k][0] - m) + torch.linalg.vector_norm(seen[k][1] - v)
+            for k, (m, v) in targets.items()
+        )
+
+    return prior
+
+
+def label_prior(observation: Observation, labels: Tensor) -> Prior:
+    """CPL's label-based regulariser (Wei et al. 2020, Sec. 4.2): the cross-entropy of the model's prediction
+    on the candidate against the labels the attack recovered, so the candidate stays in its class."""
+    twin = stateless_twin(observation.model, train_mode=False)
+    state = (
+        {k: v.detach() for k, v in observation.parameters.items()},
+        {k: v.detach() for k, v in observation.buffers.items()},
+    )
+    y = labels
+
+    def prior(x: Tensor) -> Tensor:
+        logits = functional_call(twin, state, (x,))
+        if y.is_floating_point():
+            return -(y * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+        return F.cross_entropy(logits, y)
+
+    return prior
+
+
+def group_consistency(x: Tensor) -> Tensor:
+    """GradInversion's group-consistency prior (Yin et al. 2021, Eq. 11): each restart's squared distance to the
+    restarts' mean (the consensus, held fixed within a step), summed over restarts. ``x`` is
+    (restarts, batch, ...)."""
+    consensus = x.detach().mean(0, keepdim=True)
+    return (x - consensus).pow(2).flatten(1).mean(1).sum()
+
+
+#: priors a preset weights by name (``tv``, ``l2``, ``bn``, ``label``); ``group`` is applied by the engine
+PRIORS = ("tv", "l2", "bn", "label", "group")
+
+
+def build_priors(observation: Observation, labels: Tensor, weights: Mapping[str, float]) -> Prior | None:
+    """The weighted sum of the per-restart priors with a non-zero weight (``group`` excluded), or None."""
+    parts: list[tuple[float, Prior]] = []
+    for name, weight in weights.items():
+        if not weight or name == "group":
+            continue
+        if name == "tv":
+            parts.append((weight, total_variation))
+        elif name == "l2":
+            parts.append((weight, l2_norm))
+        elif name == "bn":
+            parts.append((weight, bn_statistics(observation)))
+        elif name == "label":
+            parts.append((weight, label_prior(observation, labels)))
+        else:
+            raise ConfigError(f"unknown prior {name!r}: use one of {', '.join(PRIORS)}")
+    if not parts:
+        return None
+
+    def prior(x: Tensor) -> Tensor:
+        return sum(w * p(x) for w, p in parts)
+
+    return prior

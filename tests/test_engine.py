@@ -1,0 +1,147 @@
+"""The iteration engine: its parts (inits, objectives, priors, schedules) and its loop (restarts, patience,
+time budget, the two ways of differentiating)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.func import grad
+
+from gradinv.attacks import build_attack
+from gradinv.attacks.components.engine import MatchingSettings, optimise
+from gradinv.attacks.components.inits import INITS
+from gradinv.attacks.components.objectives import OBJECTIVES, layer_weights
+from gradinv.attacks.components.optim import schedule_factor
+from gradinv.attacks.components.priors import bn_targets, build_priors, group_consistency, total_variation
+from gradinv.attacks.components.replay import box_bounds, matching_cost
+from gradinv.data import sample_batch
+from gradinv.errors import ConfigError
+from gradinv.fl import FedAvg, Scenario
+from gradinv.models import build_model
+from gradinv.types import ThreatModel
+
+
+def _obs(ds, model, *, b=1, **kw):
+    images, labels = sample_batch(ds, batch_size=b, seed=0)
+    sc = Scenario.from_images(model, images, labels, normalization=ds.normalization, **kw)
+    return sc, sc.observe()
+
+
+@pytest.mark.parametrize("name", sorted(INITS))
+def test_inits_are_seeded_and_inside_the_box(name, digits32):
+    shape = (2, 3, 3, 32, 32)
+    _, obs = _obs(digits32, build_model("lenet", num_classes=10))
+    bounds = box_bounds(obs, shape)
+    a = INITS[name](shape, generator=torch.Generator().manual_seed(0), bounds=bounds)
+    b = INITS[name](shape, generator=torch.Generator().manual_seed(0), bounds=bounds)
+    assert a.shape == shape and torch.equal(a, b)
+    if name != "gaussian":
+        assert (a >= bounds[0] - 1e-6).all() and (a <= bounds[1] + 1e-6).all()
+    if name == "pattern":  # a 4x4 patch tiled: the image repeats every 4 pixels
+        assert torch.equal(a[..., :4, :4], a[..., 4:8, 4:8])
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_objectives_are_zero_at_the_target_and_positive_elsewhere(name):
+    g = torch.Generator().manual_seed(0)
+    target = {"a.weight": torch.randn(4, 3, generator=g), "a.bias": torch.randn(4, generator=g)}
+    other = {k: v + torch.randn(v.shape, generator=g) for k, v in target.items()}
+    for weights in (None, layer_weights(list(target), "linear")):
+        d = OBJECTIVES[name](target, weights=weights)
+        assert float(d(target)) == pytest.approx(0, abs=1e-6)
+        assert float(d(other)) > 0
+
+
+def test_layer_weights_and_schedules():
+    names = ["c.weight", "c.bias", "f.weight", "f.bias"]
+    assert layer_weights(names, "equal") is None
+    assert layer_weights(names, "first") == {"c.weight": 1, "c.bias": 1, "f.weight": 0, "f.bias": 0}
+    assert layer_weights(names, "linear")["c.weight"] == 1 and layer_weights(names, "linear")["f.bias"] == 0.25
+    with pytest.raises(ConfigError, match="layer weights"):
+        layer_weights(names, "nope")
+    assert [schedule_factor("step", i, 80) for i in (0, 30, 50, 70)] == pytest.approx([1, 0.1, 0.01, 0.001])
+    assert schedule_factor("cosine", 0, 100) == 1 and schedule_factor("cosine", 100, 100) == pytest.approx(0)
+    assert [schedule_factor("none", i, 10, warmup=4) for i in (0, 3, 4)] == [0.25, 1, 1]
+
+
+def test_bn_prior_targets_running_statistics_or_the_known_batch(photos32):
+    model = build_model("convnet", num_classes=10, width=4, seed=0)
+    sc, obs = _obs(photos32, model, b=2)
+    running = bn_targets(obs)
+    assert set(running) == {f"model.bn{i}" for i in range(8)}
+    assert torch.equal(running["model.bn0"][0], obs.buffers["model.bn0.running_mean"])
+    sc2, known = _obs(photos32, model, b=2, threat=ThreatModel(known_bn_statistics=True))
+    exact = bn_targets(known)
+    first = sc2.inputs  # bn0's input is conv0's output on the batch
+    conv = model.model.conv0(first)
+    torch.testing.assert_close(exact["model.bn0"][0], conv.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(exact["model.bn0"][1], conv.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+    prior = build_priors(known, sc2.labels, {"bn": 1.0})
+    assert float(prior(sc2.inputs)) == pytest.approx(0, abs=1e-4)  # the batch itself matches its own statistics
+    assert float(prior(torch.zeros_like(sc2.inputs))) > 0.1
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        build_priors(_obs(photos32, build_model("lenet", num_classes=10))[1], sc2.labels, {"bn": 1.0})
+
+
+def test_group_consistency_is_zero_for_equal_restarts():
+    x = torch.randn(1, 2, 3, 4, 4).expand(3, 2, 3, 4, 4)
+    assert float(group_consistency(x)) == pytest.approx(0, abs=1e-12)
+    assert float(group_consistency(torch.randn(3, 2, 3, 4, 4))) > 0
+
+
+@pytest.mark.parametrize("protocol", [None, FedAvg(local_steps=2, lr=0.1)])
+def test_autograd_and_func_replays_give_the_same_gradient(protocol, digits32):
+    """The engine's two ways of differentiating the cost agree (oracle test)."""
+    kw = {} if protocol is None else {"protocol": protocol}
+    sc, obs = _obs(digits32, build_model("convnet", num_classes=10, width=4, seed=0), b=2, **kw)
+    prior = lambda x: 1e-3 * total_variation(x)  # noqa: E731
+    func = matching_cost(obs, objective=OBJECTIVES["cosine"], prior=prior)
+    auto = matching_cost(obs, objective=OBJECTIVES["cosine"], prior=prior, autograd=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    xr = x.clone().requires_grad_(True)
+    (g_auto,) = torch.autograd.grad(auto(xr, sc.labels), xr)
+    torch.testing.assert_close(g_auto, grad(func)(x, sc.labels), rtol=1e-4, atol=1e-7)
+
+
+def _quadratic(target):
+    return lambda x: ((x - target) ** 2).sum()
+
+
+def test_engine_patience_time_budget_and_trace():
+    target = torch.full((1, 2, 2), 0.5)
+    settings = MatchingSettings(
+        iterations=10_000, optimizer="adam", lr=0.05, schedule="none", patience=25, log_every=100
+    )
+    r = optimise(_quadratic(target), torch.zeros(2, 1, 2, 2), settings=settings, bounds=None)
+    assert r.stopped == "patience" and r.iterations_run < 10_000
+    assert r.candidates.shape == (2, 1, 2, 2) and float(r.costs.max()) < 0.05  # from 1.0
+    assert r.trace[-1].iteration == r.iterations_run - 1
+    slow = lambda x: (torch.ones(300, 300) @ torch.ones(300, 300)).sum() * 0 + ((x - target) ** 2).sum()  # noqa: E731
+    budget = dataclasses.replace(settings, patience=0, time_budget=0.05)
+    r = optimise(slow, torch.zeros(1, 1, 2, 2), settings=budget, bounds=None)
+    assert r.stopped == "time_budget" and r.iterations_run < 10_000 and r.trace[-1].seconds >= 0.05
+    lbfgs = dataclasses.replace(settings, optimizer="lbfgs", iterations=50, patience=3, lr=1)
+    r = optimise(_quadratic(target), torch.zeros(2, 1, 2, 2), settings=lbfgs, bounds=None)
+    assert float(r.costs.max()) < 1e-8 and r.stopped in ("converged", "patience")
+
+
+def test_group_weight_pulls_restarts_together():
+    target = torch.zeros(1, 4)
+    x0 = torch.randn(3, 1, 4, generator=torch.Generator().manual_seed(0))
+    free = MatchingSettings(iterations=30, lr=0.01, schedule="none", optimizer="sgd")
+    cost = lambda x: 0 * x.sum() + ((x - target) ** 2).sum() * 0  # noqa: E731  (only the group term moves x)
+    spread = lambda r: float(group_consistency(r.candidates))  # noqa: E731
+    alone = optimise(cost, x0, settings=free, bounds=None)
+    pulled = optimise(cost, x0, settings=dataclasses.replace(free, group=10.0), bounds=None)
+    assert spread(pulled) < 0.5 * spread(alone)
+
+
+def test_patience_and_time_budget_reach_the_attacks(digits32):
+    sc, obs = _obs(digits32, build_model("lenet", num_classes=10, seed=0))
+    r = build_attack("invgrad", iterations=5000, patience=5, min_improvement=0.5).reconstruct(obs)
+    assert r.extras["stopped"] == "patience" and r.extras["iterations_run"] < 100
+    r = build_attack("dlg", iterations=5000, time_budget=0.5).reconstruct(obs)
+    # the budget is checked after every L-BFGS step (up to 20 inner iterations): one step ran
+    assert r.extras["stopped"] in ("time_budget", "converged") and r.extras["lbfgs_iterations"] <= 20
