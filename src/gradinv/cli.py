@@ -143,6 +143,14 @@ def _add_case_options(p: argparse.ArgumentParser, *, model: str, data: str) -> N
 def _add_attack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=_positive, help="attack iterations (default: the paper's)")
     p.add_argument("--restarts", type=_positive, help="random restarts of iterative attacks (default 1)")
+    p.add_argument(
+        "--patience",
+        type=_positive,
+        help="stop an iterative attack when its matching cost has not improved for this many iterations",
+    )
+    p.add_argument(
+        "--time-budget", type=_positive_float, metavar="SECONDS", help="stop an iterative attack after this long"
+    )
     _add_key_values(
         p, "--attack-option", "one of the attack's settings, repeatable (e.g. smooth=0.1 for copa, tv=0.01)"
     )
@@ -331,19 +339,23 @@ def case_from_args(args: argparse.Namespace, *, needs_data: bool = True):
     return case
 
 
+#: flags that set an iterative attack's engine settings of the same name
+_ENGINE_FLAGS = ("iterations", "restarts", "patience", "time_budget")
+
+
 def _attack_settings(args: argparse.Namespace, attack: str) -> dict[str, Any]:
-    """``--attack-option`` plus ``--iterations`` / ``--restarts``: a flag the attack has no setting for is an
-    error, as the same ``--attack-option`` would be."""
+    """``--attack-option`` plus ``--iterations`` / ``--restarts`` / ``--patience`` / ``--time-budget``: a flag the
+    attack has no setting for is an error, as the same ``--attack-option`` would be."""
     from gradinv.attacks import ATTACKS
 
     settings = dict(args.attack_options)
     fields = ATTACKS.lookup(attack).Settings.__dataclass_fields__
-    for key in ("iterations", "restarts"):
+    for key in _ENGINE_FLAGS:
         value = getattr(args, key, None)
         if value is None:
             continue
         if key not in fields:
-            raise ConfigError(f"{attack} has no --{key} (it is not iterative): drop the flag")
+            raise ConfigError(f"{attack} has no --{key.replace('_', '-')} (it is not iterative): drop the flag")
         settings[key] = value
     return settings
 
@@ -467,7 +479,7 @@ def _audit_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     from gradinv.attacks import ATTACKS
 
     given = dict(args.attack_options)
-    given.update({k: getattr(args, k) for k in ("iterations", "restarts") if getattr(args, k, None) is not None})
+    given.update({k: getattr(args, k) for k in _ENGINE_FLAGS if getattr(args, k, None) is not None})
     out: dict[str, dict[str, Any]] = {}
     for name in args.attacks:
         fields = ATTACKS.lookup(name).Settings.__dataclass_fields__

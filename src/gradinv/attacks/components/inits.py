@@ -47,8 +47,9 @@ def constant(
 
 
 def pattern(shape: tuple[int, ...], *, generator: torch.Generator, bounds: Bounds = None, scale: float = 4) -> Tensor:
-    """CPL's patterned random seed (Wei et al. 2020, Sec. 4.1): a random ``scale`` x ``scale`` patch in image
-    space, tiled over the image, which converges faster and more often than i.i.d. noise."""
+    """A patterned random seed (Wei et al. 2020, Sec. 4.1): a random ``scale`` x ``scale`` patch in image space,
+    tiled over the image. CPL's code tiles a half-size patch 2 x 2 (the ``cpl`` preset sets that size); the
+    4-pixel default here is a finer pattern."""
     side = max(1, int(scale))
     *lead, h, w = shape
     patch = torch.rand((*lead, side, side), generator=generator)

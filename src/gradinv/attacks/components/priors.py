@@ -74,8 +74,9 @@ def bn_statistics(observation: Observation) -> Prior:
 
 
 def label_prior(observation: Observation, labels: Tensor) -> Prior:
-    """CPL's label-based regulariser (Wei et al. 2020, Sec. 4.2): the cross-entropy of the model's prediction
-    on the candidate against the labels the attack recovered, so the candidate stays in its class."""
+    """A label-based regulariser: the cross-entropy of the model's prediction on the candidate against the labels
+    the attack recovered, so the candidate stays in its class (a variant of CPL's, Wei et al. 2020, whose own
+    squared-distance form is :func:`gradinv.attacks.cpl.prediction_l2`)."""
     twin = stateless_twin(observation.model, train_mode=False)
     state = (
         {k: v.detach() for k, v in observation.parameters.items()},

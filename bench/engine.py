@@ -1,0 +1,101 @@
+"""Where one iteration of a gradient-matching attack spends its time, and which way of differentiating is faster.
+
+For each model (width-64 ConvNet, ResNet-18; 32x32 photo batch; eval-mode BatchNorm) and restart count R, one
+engine step of Inverting Gradients' cost (cosine matching + TV, then its gradient with respect to the R candidate
+batches) is timed two ways: ``func`` (``torch.func.vmap(grad_and_value(cost))`` over the restarts, double
+back-propagation through ``torch.func.grad``) and ``autograd`` (plain ``torch.autograd.grad(create_graph=True)``
+on a functional call, restarts one after another). The forward pass alone and one first-order gradient are
+timed as the floor. The engine's ``differentiation="auto"`` uses autograd for one restart and vmap otherwise;
+this table is the measurement behind that choice. Median of ``--repeats`` calls after a warm-up.
+Writes OUT/engine.{md,json} (default OUT: bench/results).
+Usage: python bench/engine.py [--models convnet,resnet18] [--restarts 1,8] [--batch-sizes 1] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call, grad_and_value, vmap
+
+from _common import median_seconds, parser, photo_case, setup, write_results
+from gradinv.attacks.components.objectives import cosine
+from gradinv.attacks.components.priors import total_variation
+from gradinv.attacks.components.replay import matching_cost
+from gradinv.fl.functional import stateless_twin
+
+
+def timings(model: str, batch: int, restarts: int, repeats: int) -> dict:
+    ds, sc = photo_case(model=model)
+    obs = sc.observe()
+    labels = torch.arange(batch) % 10
+    prior = lambda x: 1e-4 * total_variation(x)  # noqa: E731
+    func = matching_cost(obs, objective=cosine, prior=prior)
+    auto = matching_cost(obs, objective=cosine, prior=prior, autograd=True)
+    x = torch.randn(restarts, batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    step_func = vmap(grad_and_value(lambda xr: func(xr, labels)))
+
+    def step_autograd() -> None:
+        for r in range(restarts):
+            xr = x[r].clone().requires_grad_(True)
+            torch.autograd.grad(auto(xr, labels), xr)
+
+    twin = stateless_twin(obs.model, train_mode=False)
+    params, buffers = dict(obs.parameters), dict(obs.buffers)
+
+    def forward() -> None:
+        with torch.no_grad():
+            for r in range(restarts):
+                functional_call(twin, (params, buffers), (x[r],))
+
+    leaf = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+
+    def first_order() -> None:
+        for r in range(restarts):
+            out = functional_call(twin, (leaf, buffers), (x[r],))
+            torch.autograd.grad(torch.nn.functional.cross_entropy(out, labels), list(leaf.values()))
+
+    row = {"model": model, "batch": batch, "restarts": restarts}
+    for name, fn in (
+        ("forward", forward),
+        ("gradient", first_order),
+        ("func", lambda: step_func(x)),
+        ("autograd", step_autograd),
+    ):
+        row[name] = median_seconds(fn, repeats=repeats)
+    row["auto_picks"] = "autograd" if restarts == 1 else "func"
+    return row
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--models", default="convnet,resnet18")
+    p.add_argument("--restarts", default="1,8")
+    p.add_argument("--batch-sizes", default="1")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    run = setup(args)
+    if args.quick:
+        args.models, args.restarts, args.repeats = "convnet", "1,2", 1
+    rows = [
+        timings(m, int(b), int(r), args.repeats)
+        for m in args.models.split(",")
+        for b in args.batch_sizes.split(",")
+        for r in args.restarts.split(",")
+    ]
+    lines = [
+        f"Seconds per engine step (cost + gradient w.r.t. all restarts' candidates), median of {args.repeats}, "
+        f"{run['threads']} threads",
+        "",
+        "| model | batch | restarts | forward | 1st-order gradient | func (vmap) | autograd (loop) | autograd / func "
+        "| auto picks |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['restarts']} | {r['forward']:.4f} | {r['gradient']:.4f} | "
+            f"{r['func']:.4f} | {r['autograd']:.4f} | {r['autograd'] / r['func']:.2f} | {r['auto_picks']} |"
+        )
+    write_results(args.out, "engine", run, {"rows": rows}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
