@@ -156,6 +156,29 @@ def test_attack_leaves_model_unchanged_and_no_hooks(name, digits32, deficient_ch
         assert torch.equal(v, before[k])
 
 
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_contract_shapes_determinism_and_trace(name, digits32, deficient_chain):
+    """Every registered attack, a few iterations on its toy case: the batch's shape, the same numbers for the
+    same seed, labels per sample, and a trace for the iterative ones."""
+    obs = _case_for(name, digits32, deficient_chain).observe()
+    fields = ATTACKS[name].Settings.__dataclass_fields__
+    iterative = "log_every" in fields
+    options = {"iterations": 3, "log_every": 1} if iterative else {"iterations": 3} if "iterations" in fields else {}
+    attack = build_attack(name, **options)
+    first, again = attack.reconstruct(obs, seed=3), attack.reconstruct(obs, seed=3)
+    k = obs.knowledge
+    assert first.inputs.shape[1:] == k.input_shape
+    if name not in ("rtf", "trap-weights"):  # malicious servers return one candidate per bin or trap row
+        assert first.inputs.shape[0] == k.num_samples
+    assert torch.equal(first.inputs, again.inputs)
+    assert torch.isfinite(first.inputs).all()
+    if first.labels is not None and name not in ("rtf", "trap-weights"):
+        assert first.labels.shape == (k.num_samples,)
+    if iterative:
+        assert first.trace and all(p.seconds >= 0 for p in first.trace)
+        assert first.extras.get("stopped") is not None
+
+
 def test_attack_rejects_ground_truth_and_missing_knowledge(digits32):
     sc = _scenario(digits32, build_model("mlp", num_classes=10))
     with pytest.raises(TypeError):

@@ -634,6 +634,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table1_line(row: dict[str, str]) -> str:
+    """An attack's survey Table 1 row, indented under its summary in ``gradinv list``."""
+    parts = (row.get(k, "-") for k in ("initialisation", "objective", "optimiser", "priors"))
+    return f"  {'':<14}   {' | '.join(parts)}"
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from gradinv.attacks import ATTACKS
     from gradinv.attacks.labels import LABEL_METHODS
@@ -645,10 +651,22 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for name in sorted(ATTACKS):
         attack = ATTACKS[name]
         print(f"  {name:<14} {attack.summary}")
-        row = attack.table1
-        if row:
-            parts = (row.get(k, "-") for k in ("initialisation", "objective", "optimiser", "priors"))
-            print(f"  {'':<14}   {' | '.join(parts)}")
+        if attack.table1:
+            print(_table1_line(attack.table1))
+    from gradinv.attacks.cafe import TABLE1 as CAFE
+    from gradinv.attacks.disaggregation import TABLE1 as DISAGGREGATION
+
+    print("attacks on other observations (Python API; bench/cafe.py, bench/disaggregation.py):")
+    for name, summary, row in (
+        ("cafe", "CAFE (Jin et al. 2021): a large batch from many iterations of vertical FL", CAFE),
+        (
+            "disaggregate",
+            "Gradient disaggregation (Lam et al. 2021): clients' updates from sums + counts",
+            DISAGGREGATION,
+        ),
+    ):
+        print(f"  {name:<14} {summary}")
+        print(_table1_line(row))
     print("label methods (gradinv labels METHOD; labels:METHOD in a grid):")
     for name in sorted(LABEL_METHODS):
         m = LABEL_METHODS[name]
