@@ -6,6 +6,15 @@ import torch
 from gradinv.data import load_dataset
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _generator_cache(tmp_path_factory):
+    """GIAS's bundled generator is trained once per test session into a temporary cache, never into ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GRADINV_CACHE", str(tmp_path_factory.mktemp("gradinv-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def photos32():
     return load_dataset("photos", image_size=32, channels=3)

@@ -19,6 +19,7 @@ from gradinv.models._registry import MIN_MODEL_IMAGE_SIZE, MODEL_INFO, MODELS, M
 # Importing a model file registers its builders.
 from gradinv.models.cnn6 import CNN6
 from gradinv.models.convnet import ConvNet
+from gradinv.models.generator import DigitsGenerator, GeneratorTraining, digits_generator, digits_split
 from gradinv.models.lenet import LeNet
 from gradinv.models.mlp import MLP
 from gradinv.models.resnet import BasicBlock, ResNet, resnet18, resnet20, resnet32
@@ -32,6 +33,8 @@ __all__ = [
     "MODEL_INFO",
     "BasicBlock",
     "ConvNet",
+    "DigitsGenerator",
+    "GeneratorTraining",
     "LeNet",
     "ModelInfo",
     "ResNet",
@@ -39,6 +42,8 @@ __all__ = [
     "check_image_size",
     "check_options",
     "classifier_layer",
+    "digits_generator",
+    "digits_split",
     "list_models",
     "register_model",
     "resnet18",

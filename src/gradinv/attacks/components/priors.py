@@ -58,7 +58,7 @@ def bn_statistics(observation: Observation) -> Prior:
     targets = bn_targets(observation)
     if not targets:
         raise ConfigError("the BatchNorm prior needs a model with BatchNorm layers: set its weight to 0 for this model")
-    twin = stateless_twin(observation.model, train_mode=False)
+    twin = stateless_twin(observation.model, train_mode=observation.train_mode)  # as the client's pass
     params = {k: v.detach() for k, v in observation.parameters.items()}
     buffers = {k: v.detach() for k, v in observation.buffers.items()}
     stats = batch_statistics(twin, list(targets))

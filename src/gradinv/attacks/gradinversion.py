@@ -1,0 +1,533 @@
+"""GradInversion (Yin, Mallya, Vahdat, Alvarez, Kautz, Molchanov, CVPR 2021, "See through Gradients: Image Batch
+Recovery via GradInversion").
+
+Threat model: an honest-but-curious server that knows the input shape, the number of samples and (for the box
+constraint) the normalisation, and holds the model as sent, BatchNorm running statistics included; labels come
+from the threat model or from the last layer's gradient by the paper's rule for a batch of *distinct* labels
+(label method ``yin``, Sec. 3.2; it refuses batches whose labels repeat).
+
+The objective (Eq. 3) is a gradient-matching distance plus fidelity priors (Eq. 7-10) and group consistency
+(Eq. 11-12):
+
+- ``L_grad``: Eq. 4 is the Euclidean distance between the candidate's and the observed gradient, per parameter
+  tensor (``objective="layer_euclidean"``, or the squared ``"euclidean"``), divided here by the observed
+  update's size (``relative``) so that the prior weights do not depend on the model's gradient scale. On
+  trained models it stalls at candidates whose gradient is near zero (see :class:`GradInversionSettings`), so
+  the default distance is the cosine of Inverting Gradients;
+- fidelity: total variation, the l2 norm of the candidate and the BatchNorm prior of Eq. 10, the distance of
+  the per-channel mean and variance of every BatchNorm layer's input on the candidate to the model's running
+  statistics (to the client batch's own statistics when the threat model gives them);
+- group consistency: several restarts ("seeds") run together; each is pulled towards a consensus, the
+  pixel-wise mean of the restarts after registering them to each other (Eq. 12). The paper registers with
+  RANSAC-flow; here registration is a search over integer translations up to ``max_shift`` pixels and, for
+  samples that share a label, the assignment of each restart's samples to the consensus's slots (Hungarian),
+  since such samples are interchangeable between restarts. The engine's group term (each restart to the
+  restarts' unregistered mean) is ``registration="none"``.
+
+Optimiser: plain Adam, lr 0.1, cosine decay, box constraint (the paper's Sec. 4 and breaching's
+``seethroughgradients`` configuration). The restarts run as one batched ``torch.func.vmap`` computation.
+The output is the candidate with the lowest final cost among the restarts and their registered consensus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torch.func import grad_and_value, vmap
+from tqdm.auto import tqdm
+
+from gradinv._settings import at_least, one_of
+from gradinv.attacks.base import AttackOutput, Callback, register_attack
+from gradinv.attacks.components.budget import check_restarts
+from gradinv.attacks.components.engine import MatchingSettings, use_autograd
+from gradinv.attacks.components.objectives import OBJECTIVES, Distance, Objective, layer_weights
+from gradinv.attacks.components.optim import make_optimizer, make_scheduler
+from gradinv.attacks.components.priors import Prior, bn_targets, build_priors
+from gradinv.attacks.components.replay import box_bounds, matching_cost
+from gradinv.attacks.matching import GradientMatchingAttack
+from gradinv.errors import ConfigError
+from gradinv.fl.functional import batch_statistics, stateless_twin
+from gradinv.models import classifier_layer
+from gradinv.types import Observation, TracePoint
+
+REGISTRATIONS = ("none", "shift")
+OUTPUTS = ("auto", "best", "consensus")
+
+
+# -- the BatchNorm prior, measured in the client's mode ------------------------------------------------------------
+
+
+def running_statistics(observation: Observation) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per BatchNorm layer, the running mean and variance the server sent (what a trained model's buffers say
+    about its training data), whatever else the threat model gives."""
+    return bn_targets(observation.with_knowledge(bn_statistics=None))
+
+
+def batchnorm_prior(
+    observation: Observation,
+    targets: Mapping[str, tuple[Tensor, Tensor]],
+    *,
+    train_mode: bool | None = None,
+) -> Prior | None:
+    """Eq. 10 of Yin et al. 2021: ``sum_l ||mu_l(x) - mu_l||_2 + ||sigma^2_l(x) - sigma^2_l||_2`` over the
+    BatchNorm layers named in ``targets`` (layer -> per-channel mean and variance of its input).
+
+    The candidate's statistics are measured with the model in ``train_mode`` (default: the client's mode, so in a
+    train-mode client every layer's input is normalised by the candidate's own statistics, as the client's were
+    by its batch's). None when ``targets`` is empty (a model without BatchNorm). Pure in ``x`` (vmap-able).
+    """
+    if not targets:
+        return None
+    mode = observation.train_mode if train_mode is None else train_mode
+    twin = stateless_twin(observation.model, train_mode=mode)
+    params = {k: v.detach() for k, v in observation.parameters.items()}
+    buffers = {k: v.detach() for k, v in observation.buffers.items()}
+    device = observation.device
+    goal = {k: (m.detach().to(device), v.detach().to(device)) for k, (m, v) in targets.items()}
+    stats = batch_statistics(twin, list(goal))
+
+    def prior(x: Tensor) -> Tensor:
+        seen = stats(params, buffers, x)
+        return sum(
+            torch.linalg.vector_norm(seen[k][0] - m) + torch.linalg.vector_norm(seen[k][1] - v)
+            for k, (m, v) in goal.items()
+        )
+
+    return prior
+
+
+def combine_priors(*parts: tuple[float, Prior | None]) -> Prior | None:
+    """The weighted sum of the priors that exist and have a non-zero weight, or None."""
+    kept = [(w, p) for w, p in parts if w and p is not None]
+    if not kept:
+        return None
+
+    def prior(x: Tensor) -> Tensor:
+        return sum(w * p(x) for w, p in kept)
+
+    return prior
+
+
+def layer_euclidean(target: Mapping[str, Tensor], *, weights: Mapping[str, float] | None = None) -> Distance:
+    """Eq. 4 of Yin et al. 2021: ``sum_l ||grad_l(x) - observed_l||_2``, the Euclidean distance of every
+    parameter tensor's gradient, not squared, summed over the tensors."""
+    w = {k: 1.0 if weights is None else float(weights.get(k, 1.0)) for k in target}
+
+    def distance(candidate: Mapping[str, Tensor]) -> Tensor:
+        return sum(w[k] * ((candidate[k] - t).pow(2).sum() + 1e-30).sqrt() for k, t in target.items() if w[k])
+
+    return distance
+
+
+def relative_objective(base: Objective) -> Objective:
+    """``base``'s distance divided by the distance of a zero update to the observed one (the observed update's
+    squared norm for ``euclidean``, the sum of its tensors' norms for ``layer_euclidean``): a relative error,
+    whatever the model's gradient scale."""
+
+    def objective(target: Mapping[str, Tensor], *, weights: Mapping[str, float] | None = None) -> Distance:
+        distance = base(target, weights=weights)
+        with torch.no_grad():
+            norm = float(distance({k: torch.zeros_like(t) for k, t in target.items()}))
+        scale = 1.0 / max(norm, 1e-30)
+
+        def relative(candidate: Mapping[str, Tensor]) -> Tensor:
+            return distance(candidate) * scale
+
+        return relative
+
+    return objective
+
+
+#: the objectives GradInversion takes: the engine's and Eq. 4's per-tensor Euclidean distance
+OBJECTIVE_CHOICES = {**OBJECTIVES, "layer_euclidean": layer_euclidean}
+#: the distances ``relative`` divides by the observed update's size
+RELATIVE = ("euclidean", "layer_euclidean")
+
+
+# -- registration of the restarts (Eq. 12) --------------------------------------------------------------------------
+
+
+def _offsets(max_shift: int) -> list[tuple[int, int]]:
+    return [(dy, dx) for dy in range(-max_shift, max_shift + 1) for dx in range(-max_shift, max_shift + 1)]
+
+
+def _crop(padded: Tensor, dy: int, dx: int, pad: int, size: tuple[int, int]) -> Tensor:
+    """From images padded by ``pad`` on each side: the images moved by (dy, dx) pixels (borders replicated)."""
+    h, w = size
+    return padded[..., pad - dy : pad - dy + h, pad - dx : pad - dx + w]
+
+
+def _pad(x: Tensor, pad: int) -> Tensor:
+    """(N, C, H, W) images padded by replicating their borders (nothing to do without a shift)."""
+    return F.pad(x, (pad, pad, pad, pad), mode="replicate") if pad else x
+
+
+def label_groups(labels: Tensor) -> list[Tensor]:
+    """Index sets of the batch's samples that share a label (more than one each): the samples a restart may
+    hold in another order than the consensus. Soft labels give none."""
+    if labels.is_floating_point() or labels.dim() != 1:
+        return []
+    groups = []
+    for value in torch.unique(labels):
+        idx = torch.nonzero(labels == value).flatten()
+        if idx.numel() > 1:
+            groups.append(idx)
+    return groups
+
+
+@dataclass(frozen=True, eq=False)
+class Registration:
+    """Restarts registered to their consensus: ``consensus`` (B, C, H, W), the pixel-wise mean of the
+    registered restarts; ``targets`` (R, B, C, H, W), the consensus moved back into each restart's own frame
+    and order (what group consistency pulls each restart towards); per restart and sample, the consensus slot
+    it was matched to (``slots``) and the translation that moves it onto that slot (``shifts``, (R, B, 2) as
+    (dy, dx) pixels)."""
+
+    consensus: Tensor
+    targets: Tensor
+    slots: Tensor
+    shifts: Tensor
+
+
+def register_restarts(
+    x: Tensor, *, max_shift: int, groups: list[Tensor] = (), reference: int = 0, passes: int = 2
+) -> Registration:
+    """Register restarts ``x`` (R, B, C, H, W) to their consensus (Yin et al. 2021, Eq. 12).
+
+    Start from restart ``reference`` (e.g. the one matching best); then, ``passes`` times, find for every
+    restart's sample the translation (up to ``max_shift`` pixels each way) that brings it closest to its
+    consensus slot, and, within ``groups`` (the samples sharing a label), the assignment of samples to slots
+    with the least total distance (Hungarian); the new consensus is the pixel-wise mean of the registered
+    restarts.
+    """
+    r, b, c, h, w = x.shape
+    x = x.detach()
+    offsets = _offsets(max_shift)
+    padded = _pad(x.reshape(r * b, c, h, w), max_shift).reshape(r, b, c, h + 2 * max_shift, w + 2 * max_shift)
+    moved = [_crop(padded, dy, dx, max_shift, (h, w)) for dy, dx in offsets]  # views, (R, B, C, H, W) each
+    consensus = x[reference]
+    own = torch.arange(b, device=x.device)
+    slots = own.expand(r, b).clone()
+    best = torch.zeros(r, b, dtype=torch.long, device=x.device)
+    for _ in range(passes):
+        ref = consensus.reshape(b, -1)
+        dist = torch.stack([(m.reshape(r, b, -1) - ref).pow(2).sum(-1) for m in moved])  # (S, R, B)
+        best = dist.argmin(0)
+        slots = own.expand(r, b).clone()
+        for idx in groups:
+            idx = idx.to(x.device)
+            # pair[k, r, i, j]: sample idx[i] of restart r moved by offset k, against consensus slot idx[j]
+            pair = torch.stack(
+                [torch.cdist(m[:, idx].reshape(r, len(idx), -1), ref[idx].expand(r, -1, -1)) for m in moved]
+            )
+            cost, shift = pair.pow(2).min(0)  # (R, m, m)
+            for k in range(r):
+                rows, cols = linear_sum_assignment(cost[k].cpu().numpy())
+                rows_t, cols_t = torch.as_tensor(rows, device=x.device), torch.as_tensor(cols, device=x.device)
+                slots[k, idx[rows_t]] = idx[cols_t]
+                best[k, idx[rows_t]] = shift[k, rows_t, cols_t]
+        aligned = torch.empty_like(x)
+        for k, m in enumerate(moved):
+            where = best == k
+            if bool(where.any()):
+                rr, bb = torch.nonzero(where, as_tuple=True)
+                aligned[rr, slots[rr, bb]] = m[rr, bb]
+        consensus = aligned.mean(0)
+    # the consensus back in each restart's frame: slot slots[r, i], moved by minus the restart's shift
+    back = _pad(consensus, max_shift)
+    targets = torch.empty_like(x)
+    for k, (dy, dx) in enumerate(offsets):
+        where = best == k
+        if bool(where.any()):
+            rr, bb = torch.nonzero(where, as_tuple=True)
+            targets[rr, bb] = _crop(back, -dy, -dx, max_shift, (h, w))[slots[rr, bb]]
+    table = torch.tensor(offsets, dtype=torch.long, device=x.device)
+    return Registration(consensus=consensus, targets=targets, slots=slots, shifts=table[best])
+
+
+def mean_consensus(x: Tensor) -> Registration:
+    """The engine's consensus: the restarts' pixel-wise mean, nothing registered."""
+    r, b = x.shape[:2]
+    consensus = x.detach().mean(0)
+    return Registration(
+        consensus=consensus,
+        targets=consensus.expand_as(x),
+        slots=torch.arange(b, device=x.device).expand(r, b).clone(),
+        shifts=torch.zeros(r, b, 2, dtype=torch.long, device=x.device),
+    )
+
+
+# -- the preset -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GradInversionSettings(MatchingSettings):
+    """The paper's optimiser and priors; the matching distance and the weights are where this preset deviates.
+
+    Paper (Sec. 4) and breaching's ``seethroughgradients``: Adam (plain, not signed), lr 0.1, cosine decay, box;
+    Euclidean distance (Eq. 4) scaled by 1e-4, TV 1e-4, l2 1e-6, BN 0.1, group 0.01 (ImageNet ResNet-50, 224 px,
+    20,000 iterations). Deviations, each measured on a ConvNet trained 300 steps on digits (not the data the
+    report scores): the Euclidean distance stalls at the trivial "zero update" on trained models (relative error
+    ~1, below a grey image's PSNR after 2,000 iterations), so the default distance is the cosine (Geiping et al.
+    2020) and Eq. 4 stays available (``objective="layer_euclidean"`` or ``"euclidean"``, made scale-free by
+    ``relative``); TV 0.05 and BN 0.001 are GradAttack's weights for this objective (Huang et al. 2021); 4,000
+    iterations for 32 px images; 4 restarts; group 0.01 on the engine's squared group term; registration by
+    translations instead of RANSAC-flow.
+    """
+
+    iterations: int = 4000
+    restarts: int = 4
+    init: str = "gaussian"
+    objective: str = "cosine"
+    tv: float = 5e-2
+    l2: float = 1e-4
+    bn: float = 1e-3
+    group: float = 1e-2
+    optimizer: str = "adam"
+    lr: float = 0.1
+    signed: bool = False
+    schedule: str = "cosine"
+    boxed: bool = True
+    label_method: str = "yin"
+    #: with a Euclidean distance: divide it by the observed update's size (a relative error)
+    relative: bool = True
+    #: how restarts are registered to their consensus: ``shift`` (translations, label-group assignment), ``none``
+    registration: str = "shift"
+    max_shift: int = 2
+    #: the result: ``auto`` (lowest final cost among the restarts and the consensus), ``best`` restart, ``consensus``
+    output: str = "auto"
+
+    def problems(self) -> list[str]:
+        # the objective is checked here, against the engine's and Eq. 4's
+        base = dataclasses.replace(self, objective="euclidean")
+        return [
+            *MatchingSettings.problems(base),
+            *one_of("objective", self.objective, sorted(OBJECTIVE_CHOICES)),
+            *(
+                ["optimizer must be a first-order one (adam, adamw, sgd): the restarts are coupled every step"]
+                if self.optimizer == "lbfgs"
+                else []
+            ),
+            *one_of("registration", self.registration, REGISTRATIONS),
+            *at_least("max_shift", self.max_shift, 0),
+            *one_of("output", self.output, OUTPUTS),
+        ]
+
+
+def distinct_label_declines(observation: Observation, method: str) -> list[str]:
+    """Yin et al.'s label rule needs distinct labels: impossible when the batch outnumbers the classes."""
+    k = observation.knowledge
+    if k.labels is not None or method != "yin" or k.num_samples is None:
+        return []
+    try:
+        classes = classifier_layer(observation.model)[1].out_features
+    except ConfigError:
+        return []
+    if k.num_samples > classes:
+        return [
+            f"label method 'yin' recovers distinct labels, impossible for {k.num_samples} samples of {classes} "
+            "classes: give the labels or use label_method=ilrg (or llg)"
+        ]
+    return []
+
+
+@register_attack
+class GradInversion(GradientMatchingAttack):
+    """GradInversion: Euclidean gradient matching, fidelity priors (TV, l2, BatchNorm statistics) and
+    registered group consistency over batched restarts (Yin et al. 2021)."""
+
+    name = "gradinversion"
+    summary = (
+        "GradInversion (Yin et al. 2021): Euclidean matching + TV, l2, BatchNorm statistics, registered group "
+        "consistency over restarts, distinct-label recovery"
+    )
+    Settings = GradInversionSettings
+    table1 = {
+        "initialisation": "Gaussian (several seeds)",
+        "objective": "Euclidean distance (Eq. 4; the preset's default is the cosine, see its settings)",
+        "optimiser": "Adam, cosine decay, box",  # plain (unsigned) Adam
+        "priors": "total variation, l2, BatchNorm statistics, group consistency (registered consensus)",
+    }
+
+    def _unmet_assumptions(self, observation: Observation) -> list[str]:
+        return [
+            *super()._unmet_assumptions(observation),
+            *distinct_label_declines(observation, self.settings.label_method),
+        ]
+
+    def _objective(self, observation: Observation) -> Objective:
+        s = self.settings
+        base = OBJECTIVE_CHOICES[s.objective]
+        return relative_objective(base) if s.relative and s.objective in RELATIVE else base
+
+    def _bn_prior(self, observation: Observation) -> Prior | None:
+        """Eq. 10 against :func:`~gradinv.attacks.components.priors.bn_targets` (the batch's own statistics
+        when the threat model gives them, else the running statistics)."""
+        return batchnorm_prior(observation, bn_targets(observation))
+
+    def _prior(self, observation: Observation, labels: Tensor) -> Prior | None:
+        s = self.settings
+        others = build_priors(observation, labels, {"tv": s.tv, "l2": s.l2, "label": s.label})
+        return combine_priors((1.0, others), (s.bn, self._bn_prior(observation) if s.bn else None))
+
+    def _register(self, x: Tensor, groups: list[Tensor], reference: int) -> Registration:
+        if self.settings.registration == "none":
+            return mean_consensus(x)
+        return register_restarts(x, max_shift=self.settings.max_shift, groups=groups, reference=reference)
+
+    def _reconstruct(
+        self,
+        observation: Observation,
+        *,
+        generator: torch.Generator,
+        progress: bool,
+        callback: Callback | None,
+    ) -> AttackOutput:
+        s = self.settings
+        check_restarts(observation, s.restarts, attack=self.name)
+        start = time.perf_counter()
+        k = observation.knowledge
+        labels, label_source = self._labels(observation)
+        labels = labels.to(observation.device)
+        shape = (s.restarts, k.num_samples, *k.input_shape)
+        x0 = self._initial(observation, shape, generator).to(observation.device)
+        prior = self._prior(observation, labels)
+        build = functools.partial(
+            matching_cost,
+            observation,
+            objective=self._objective(observation),
+            weights=layer_weights(list(observation.update), s.layer_weights),
+            prior=prior,
+            adaptive=s.adaptive,
+        )
+        cost = build()
+        one = lambda x: cost(x, labels)  # noqa: E731
+        if use_autograd(s, s.restarts):
+            step = _autograd_step(build(autograd=True), labels)
+        else:
+            step = vmap(grad_and_value(one))
+        bounds = box_bounds(observation, shape) if s.boxed else None
+        coupled = bool(s.group) and s.restarts > 1
+        groups = label_groups(labels)
+
+        x = x0.clone().requires_grad_(True)
+        optimizer = make_optimizer(s.optimizer, [x], lr=s.lr)
+        scheduler = make_scheduler(optimizer, s.schedule, s.iterations, warmup=s.warmup)
+        trace: list[TracePoint] = []
+        best_seen, since, stopped, it = math.inf, 0, "iterations", -1
+        for it in tqdm(range(s.iterations), desc=self.name, disable=not progress, leave=False):
+            g, values = step(x.detach())
+            if coupled:  # Eq. 11 with the consensus held fixed within the step (squared, as the engine's group)
+                targets = self._register(x.detach(), groups, int(torch.argmin(values))).targets
+                g = g + s.group * 2 * (x.detach() - targets) / x[0].numel()
+            x.grad = g.sign() if s.signed else g
+            optimizer.step()
+            scheduler.step()
+            if bounds is not None:
+                with torch.no_grad():
+                    x.data = torch.maximum(torch.minimum(x.data, bounds[1]), bounds[0])
+            value = float(values.min())
+            elapsed = time.perf_counter() - start
+            last = it == s.iterations - 1
+            if s.patience:
+                if value < best_seen - s.min_improvement * abs(best_seen) or not math.isfinite(best_seen):
+                    best_seen, since = value, 0
+                else:
+                    since += 1
+            if s.patience and since >= s.patience:
+                stopped, last = "patience", True
+            elif s.time_budget and elapsed >= s.time_budget:
+                stopped, last = "time_budget", True
+            elif not math.isfinite(value):
+                stopped, last = "diverged", True
+            if it % s.log_every == 0 or last:
+                trace.append(TracePoint(iteration=it, seconds=elapsed, cost=value))
+                if callback is not None:
+                    callback(it, elapsed, x.detach()[int(torch.argmin(values))].clone())
+            if last:
+                break
+
+        candidates = x.detach()
+        costs = _final_costs(one, candidates)
+        best = int(torch.argmin(costs))
+        registration = self._register(candidates, groups, best) if s.restarts > 1 else mean_consensus(candidates)
+        consensus = registration.consensus
+        if bounds is not None:
+            consensus = torch.maximum(torch.minimum(consensus, bounds[1]), bounds[0])
+        consensus_cost = _final_costs(one, consensus.unsqueeze(0))[0] if s.restarts > 1 else torch.tensor(math.inf)
+        use_consensus = s.restarts > 1 and (
+            s.output == "consensus" or (s.output == "auto" and float(consensus_cost) < float(costs[best]))
+        )
+        inputs = consensus.clone() if use_consensus else candidates[best].clone()
+        return AttackOutput(
+            inputs=inputs,
+            labels=labels,
+            label_source=label_source,
+            trace=tuple(trace),
+            extras={
+                "restart_costs": costs.tolist(),
+                "consensus_cost": float(consensus_cost),
+                "best_restart": best,
+                "output": "consensus" if use_consensus else f"restart {best}",
+                "shifts": registration.shifts.tolist(),
+                "iterations_run": it + 1,
+                "stopped": stopped,
+                "bn_prior": "on" if s.bn and self._has_batchnorm(observation) else "off",
+            },
+        )
+
+    @staticmethod
+    def _has_batchnorm(observation: Observation) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in observation.model.modules())
+
+
+def _autograd_step(
+    cost: Callable[[Tensor, Tensor], Tensor], labels: Tensor
+) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """``step(x) -> (gradient, values)`` restart by restart with plain autograd (cheaper for one restart)."""
+
+    def step(x: Tensor) -> tuple[Tensor, Tensor]:
+        grads, values = [], []
+        for r in range(x.shape[0]):
+            xr = x[r].clone().requires_grad_(True)
+            value = cost(xr, labels)
+            (g,) = torch.autograd.grad(value, xr)
+            grads.append(g)
+            values.append(value.detach())
+        return torch.stack(grads), torch.stack(values)
+
+    return step
+
+
+def _final_costs(cost: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """Each restart's cost (non-finite ones as +inf)."""
+    try:
+        with torch.no_grad():
+            values = vmap(cost)(x)
+    except RuntimeError:  # a replay that needs autograd outside vmap
+        values = torch.stack([cost(x[r]).detach() for r in range(x.shape[0])])
+    return torch.where(torch.isfinite(values), values, torch.full_like(values, math.inf))
+
+
+__all__ = [
+    "GradInversion",
+    "GradInversionSettings",
+    "Registration",
+    "batchnorm_prior",
+    "combine_priors",
+    "label_groups",
+    "layer_euclidean",
+    "mean_consensus",
+    "register_restarts",
+    "relative_objective",
+    "running_statistics",
+]
