@@ -276,9 +276,7 @@ def test_a_bad_setting_is_refused_at_construction_with_the_closest_choice():
 
 def test_every_bad_setting_is_named_in_one_error():
     with pytest.raises(ConfigError) as err:
-        build_attack(
-            "invgrad", iterations=0, restarts=0, tv=-1.0, objective="cosin", lr="fast", bogus=1, log_every=0
-        )
+        build_attack("invgrad", iterations=0, restarts=0, tv=-1.0, objective="cosin", lr="fast", bogus=1, log_every=0)
     message = str(err.value)
     for part in ("bogus", "iterations must be >= 1", "restarts must be >= 1", "tv must be >= 0", "cosine"):
         assert part in message, part
