@@ -33,9 +33,20 @@ test-slow: $(STAMP)
 # About 5 hours on 2 CPU cores (bench/README.md: each benchmark's time); results land in bench/results/. Each
 # benchmark pins torch to BENCH_THREADS threads and records it; the grid benchmarks continue an interrupted run.
 BENCH_THREADS ?= 2
+PEERENV ?= ../.peerenv
 bench: $(STAMP)
 	$(PY) bench/restarts.py --threads $(BENCH_THREADS)
+	PEERENV=$(PEERENV) bash ../shared/peer/setup.sh
+	PIP_CONSTRAINT=constraints.txt $(PEERENV)/bin/pip install -q matplotlib safetensors
+	$(PEERENV)/bin/python bench/peer_compare.py --threads $(BENCH_THREADS)
+	$(PEERENV)/bin/python bench/peer_compare.py --cases resnet18 --iterations 300 --timing-run --out bench/results/peer_resnet18 --threads $(BENCH_THREADS)
 	$(PY) bench/time_to_psnr.py --threads $(BENCH_THREADS)
+	$(PY) bench/engine.py --threads $(BENCH_THREADS)
+	$(PY) bench/iterative.py --resume --threads $(BENCH_THREADS)
+	$(PY) bench/bayesian.py --threads 1
+	$(PY) bench/gias.py --threads 1
+	$(PY) bench/cafe.py --threads 1
+	$(PY) bench/disaggregation.py --threads 1
 	$(PY) bench/label_speed.py --threads $(BENCH_THREADS)
 	$(PY) bench/imprint.py --threads $(BENCH_THREADS)
 	$(PY) bench/invgrad_quality.py --models convnet:0 --name invgrad_quality_convnet --threads $(BENCH_THREADS)

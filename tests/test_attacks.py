@@ -137,6 +137,10 @@ def _case_for(name: str, digits32, deficient_chain):
         digits32 = load_dataset("digits", image_size=16, channels=3)
     elif name == "ppdl-spn":
         model = nn.Sequential(nn.Conv2d(3, 64, 5, stride=4, padding=2), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 64, 10))
+    elif name == "fedavg_epochs":  # several local epochs over a shuffled batch
+        model = build_model("convnet", num_classes=10, seed=0, width=8)
+        protocol = FedAvg(local_steps=4, lr=0.1, local_batch_size=1, shuffle=True)
+        return _scenario(digits32, model, b=2, protocol=protocol)
     else:
         model = build_model("convnet", num_classes=10, seed=0, width=8)
     return _scenario(digits32, model, threat=threat)

@@ -220,6 +220,18 @@ def test_dpsgd_under_fedavg_takes_private_local_steps(digits32):
     assert eps == pytest.approx(gaussian_epsilon(1.0, delta=1e-5, rounds=2))
 
 
+def test_dpsgd_follows_a_shuffling_clients_order(digits32):
+    """With zero noise and a clip no gradient reaches, DP-FedAvg on a shuffling client equals the plain shuffled
+    update: the private steps take the same (private) sample order as the protocol's own loop."""
+    protocol = gradinv.FedAvg(local_steps=4, lr=0.5, local_batch_size=1, shuffle=True)
+    plain = _scenario(digits32, batch_size=3, protocol=protocol, seed=7).observe()
+    private = _scenario(
+        digits32, batch_size=3, protocol=protocol, seed=7, defenses=("dpsgd:noise_multiplier=0,clip=1e6",)
+    ).observe()
+    for k in plain.update:
+        torch.testing.assert_close(private.update[k], plain.update[k], rtol=1e-5, atol=1e-7)
+
+
 def test_gaussian_epsilon_solves_the_privacy_curve_and_composes():
     eps = gaussian_epsilon(1.0, delta=1e-5)
     mu = 1.0

@@ -195,3 +195,13 @@ def test_executors_give_the_same_metrics_as_local(tmp_path, executor):
     other = run_grid(make_grid(spec), tmp_path / executor, executor=executor, workers=2, threads=1, report=False)
     assert [_metrics(r) for r in local] == [_metrics(r) for r in other]
     assert all(r["threads"] == 1 for r in other)
+
+
+def test_a_diverging_client_fails_its_cell_with_the_reason():
+    """A client whose local training blows up shares a non-finite update: the cell fails saying so, instead of
+    an attack or label method choking on NaNs further down."""
+    from gradinv.protocol import FedAvg
+
+    case = Case(model="mlp", data="digits", batch_size=2, protocol=FedAvg(local_steps=5, lr=1e30))
+    record = run_cell(Cell(case, "invgrad", (("iterations", 2),))).record
+    assert record.status == "failed" and "diverged" in record.reason

@@ -213,6 +213,12 @@ def test_label_estimate_batch_and_counts():
         sets.as_batch(3)
 
 
+def test_round_counts_refuses_non_finite_estimates():
+    """A vanishing or non-finite update gives NaN estimates: a decline, not a crash or negative counts."""
+    with pytest.raises(AttackError, match="non-finite"):
+        round_counts(torch.tensor([1.0, float("nan"), 2.0]), 3)
+
+
 def test_round_counts_keeps_the_total():
     gen = torch.Generator().manual_seed(0)
     for _ in range(50):

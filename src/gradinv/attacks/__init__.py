@@ -6,6 +6,7 @@ from gradinv.attacks import (  # noqa: F401  (registers)
     copa,
     cpl,
     dlg,
+    fedavg_epochs,
     gias,
     gradattack,
     gradinversion,

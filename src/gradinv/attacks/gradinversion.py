@@ -32,9 +32,7 @@ The output is the candidate with the lowest final cost among the restarts and th
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -42,22 +40,16 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torch.func import grad_and_value, vmap
-from tqdm.auto import tqdm
 
 from gradinv._settings import at_least, one_of
 from gradinv.attacks.base import AttackOutput, Callback, register_attack
-from gradinv.attacks.components.budget import check_restarts
-from gradinv.attacks.components.engine import MatchingSettings, use_autograd
-from gradinv.attacks.components.objectives import OBJECTIVES, Distance, Objective, layer_weights
-from gradinv.attacks.components.optim import make_optimizer, make_scheduler
-from gradinv.attacks.components.priors import Prior, bn_targets, build_priors
-from gradinv.attacks.components.replay import box_bounds, matching_cost
+from gradinv.attacks.components.engine import MatchingSettings, final_costs, group_gradient
+from gradinv.attacks.components.objectives import OBJECTIVES, Distance, Objective
+from gradinv.attacks.components.priors import Prior, bn_statistics, bn_targets, build_priors
 from gradinv.attacks.matching import GradientMatchingAttack
 from gradinv.errors import ConfigError
-from gradinv.fl.functional import batch_statistics, stateless_twin
 from gradinv.models import classifier_layer
-from gradinv.types import Observation, TracePoint
+from gradinv.types import Observation
 
 REGISTRATIONS = ("none", "shift")
 OUTPUTS = ("auto", "best", "consensus")
@@ -78,31 +70,9 @@ def batchnorm_prior(
     *,
     train_mode: bool | None = None,
 ) -> Prior | None:
-    """Eq. 10 of Yin et al. 2021: ``sum_l ||mu_l(x) - mu_l||_2 + ||sigma^2_l(x) - sigma^2_l||_2`` over the
-    BatchNorm layers named in ``targets`` (layer -> per-channel mean and variance of its input).
-
-    The candidate's statistics are measured with the model in ``train_mode`` (default: the client's mode, so in a
-    train-mode client every layer's input is normalised by the candidate's own statistics, as the client's were
-    by its batch's). None when ``targets`` is empty (a model without BatchNorm). Pure in ``x`` (vmap-able).
-    """
-    if not targets:
-        return None
-    mode = observation.train_mode if train_mode is None else train_mode
-    twin = stateless_twin(observation.model, train_mode=mode)
-    params = {k: v.detach() for k, v in observation.parameters.items()}
-    buffers = {k: v.detach() for k, v in observation.buffers.items()}
-    device = observation.device
-    goal = {k: (m.detach().to(device), v.detach().to(device)) for k, (m, v) in targets.items()}
-    stats = batch_statistics(twin, list(goal))
-
-    def prior(x: Tensor) -> Tensor:
-        seen = stats(params, buffers, x)
-        return sum(
-            torch.linalg.vector_norm(seen[k][0] - m) + torch.linalg.vector_norm(seen[k][1] - v)
-            for k, (m, v) in goal.items()
-        )
-
-    return prior
+    """The engine's BatchNorm prior (Eq. 10, :func:`~gradinv.attacks.components.priors.bn_statistics`) against
+    ``targets``, or None when ``targets`` is empty (a model without BatchNorm)."""
+    return bn_statistics(observation, targets=targets, train_mode=train_mode) if targets else None
 
 
 def combine_priors(*parts: tuple[float, Prior | None]) -> Prior | None:
@@ -384,6 +354,14 @@ class GradInversion(GradientMatchingAttack):
             return mean_consensus(x)
         return register_restarts(x, max_shift=self.settings.max_shift, groups=groups, reference=reference)
 
+    def _coupling(self, labels: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+        groups = label_groups(labels)
+
+        def registered(x: Tensor, values: Tensor) -> Tensor:  # Eq. 11-12: the pull to the registered consensus
+            return group_gradient(x, self._register(x, groups, int(torch.argmin(values))).targets)
+
+        return registered
+
     def _reconstruct(
         self,
         observation: Observation,
@@ -393,77 +371,15 @@ class GradInversion(GradientMatchingAttack):
         callback: Callback | None,
     ) -> AttackOutput:
         s = self.settings
-        check_restarts(observation, s.restarts, attack=self.name)
-        start = time.perf_counter()
-        k = observation.knowledge
-        labels, label_source = self._labels(observation)
-        labels = labels.to(observation.device)
-        shape = (s.restarts, k.num_samples, *k.input_shape)
-        x0 = self._initial(observation, shape, generator).to(observation.device)
-        prior = self._prior(observation, labels)
-        build = functools.partial(
-            matching_cost,
-            observation,
-            objective=self._objective(observation),
-            weights=layer_weights(list(observation.update), s.layer_weights),
-            prior=prior,
-            adaptive=s.adaptive,
-        )
-        cost = build()
-        one = lambda x: cost(x, labels)  # noqa: E731
-        if use_autograd(s, s.restarts):
-            step = _autograd_step(build(autograd=True), labels)
-        else:
-            step = vmap(grad_and_value(one))
-        bounds = box_bounds(observation, shape) if s.boxed else None
-        coupled = bool(s.group) and s.restarts > 1
+        run = self._run(observation, generator=generator, progress=progress, callback=callback)
+        result, labels, one, bounds = run.result, run.labels, run.cost, run.bounds
         groups = label_groups(labels)
-
-        x = x0.clone().requires_grad_(True)
-        optimizer = make_optimizer(s.optimizer, [x], lr=s.lr)
-        scheduler = make_scheduler(optimizer, s.schedule, s.iterations, warmup=s.warmup)
-        trace: list[TracePoint] = []
-        best_seen, since, stopped, it = math.inf, 0, "iterations", -1
-        for it in tqdm(range(s.iterations), desc=self.name, disable=not progress, leave=False):
-            g, values = step(x.detach())
-            if coupled:  # Eq. 11 with the consensus held fixed within the step (squared, as the engine's group)
-                targets = self._register(x.detach(), groups, int(torch.argmin(values))).targets
-                g = g + s.group * 2 * (x.detach() - targets) / x[0].numel()
-            x.grad = g.sign() if s.signed else g
-            optimizer.step()
-            scheduler.step()
-            if bounds is not None:
-                with torch.no_grad():
-                    x.data = torch.maximum(torch.minimum(x.data, bounds[1]), bounds[0])
-            value = float(values.min())
-            elapsed = time.perf_counter() - start
-            last = it == s.iterations - 1
-            if s.patience:
-                if value < best_seen - s.min_improvement * abs(best_seen) or not math.isfinite(best_seen):
-                    best_seen, since = value, 0
-                else:
-                    since += 1
-            if s.patience and since >= s.patience:
-                stopped, last = "patience", True
-            elif s.time_budget and elapsed >= s.time_budget:
-                stopped, last = "time_budget", True
-            elif not math.isfinite(value):
-                stopped, last = "diverged", True
-            if it % s.log_every == 0 or last:
-                trace.append(TracePoint(iteration=it, seconds=elapsed, cost=value))
-                if callback is not None:
-                    callback(it, elapsed, x.detach()[int(torch.argmin(values))].clone())
-            if last:
-                break
-
-        candidates = x.detach()
-        costs = _final_costs(one, candidates)
-        best = int(torch.argmin(costs))
+        candidates, costs, best = result.candidates, result.costs, result.best
         registration = self._register(candidates, groups, best) if s.restarts > 1 else mean_consensus(candidates)
         consensus = registration.consensus
         if bounds is not None:
             consensus = torch.maximum(torch.minimum(consensus, bounds[1]), bounds[0])
-        consensus_cost = _final_costs(one, consensus.unsqueeze(0))[0] if s.restarts > 1 else torch.tensor(math.inf)
+        consensus_cost = final_costs(one, consensus.unsqueeze(0))[0] if s.restarts > 1 else torch.tensor(math.inf)
         use_consensus = s.restarts > 1 and (
             s.output == "consensus" or (s.output == "auto" and float(consensus_cost) < float(costs[best]))
         )
@@ -471,16 +387,16 @@ class GradInversion(GradientMatchingAttack):
         return AttackOutput(
             inputs=inputs,
             labels=labels,
-            label_source=label_source,
-            trace=tuple(trace),
+            label_source=run.label_source,
+            trace=result.trace,
             extras={
                 "restart_costs": costs.tolist(),
                 "consensus_cost": float(consensus_cost),
                 "best_restart": best,
                 "output": "consensus" if use_consensus else f"restart {best}",
                 "shifts": registration.shifts.tolist(),
-                "iterations_run": it + 1,
-                "stopped": stopped,
+                "iterations_run": result.iterations_run,
+                "stopped": result.stopped,
                 "bn_prior": "on" if s.bn and self._has_batchnorm(observation) else "off",
             },
         )
@@ -488,34 +404,6 @@ class GradInversion(GradientMatchingAttack):
     @staticmethod
     def _has_batchnorm(observation: Observation) -> bool:
         return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in observation.model.modules())
-
-
-def _autograd_step(
-    cost: Callable[[Tensor, Tensor], Tensor], labels: Tensor
-) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
-    """``step(x) -> (gradient, values)`` restart by restart with plain autograd (cheaper for one restart)."""
-
-    def step(x: Tensor) -> tuple[Tensor, Tensor]:
-        grads, values = [], []
-        for r in range(x.shape[0]):
-            xr = x[r].clone().requires_grad_(True)
-            value = cost(xr, labels)
-            (g,) = torch.autograd.grad(value, xr)
-            grads.append(g)
-            values.append(value.detach())
-        return torch.stack(grads), torch.stack(values)
-
-    return step
-
-
-def _final_costs(cost: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """Each restart's cost (non-finite ones as +inf)."""
-    try:
-        with torch.no_grad():
-            values = vmap(cost)(x)
-    except RuntimeError:  # a replay that needs autograd outside vmap
-        values = torch.stack([cost(x[r]).detach() for r in range(x.shape[0])])
-    return torch.where(torch.isfinite(values), values, torch.full_like(values, math.inf))
 
 
 __all__ = [

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from gradinv.attacks.base import Attack, AttackOutput, Callback
 from gradinv.attacks.components.budget import check_restarts
-from gradinv.attacks.components.engine import MatchingSettings, optimise, use_autograd
+from gradinv.attacks.components.engine import EngineResult, MatchingSettings, optimise, use_autograd
 from gradinv.attacks.components.inits import INIT_SCALES, INITS
 from gradinv.attacks.components.objectives import OBJECTIVES, Objective, layer_weights
 from gradinv.attacks.components.priors import Prior, build_priors
@@ -65,16 +67,23 @@ class GradientMatchingAttack(Attack):
             shape, generator=generator, bounds=None if bounds is None else tuple(b.cpu() for b in bounds), scale=scale
         )
 
+    def _coupling(self, labels: Tensor) -> Callable[[Tensor, Tensor], Tensor] | None:
+        """The gradient of the term coupling the restarts (``coupling(x, values)``, weighted by ``group``);
+        None: the engine's pull to the restarts' mean."""
+        return None
+
     # -- the run --------------------------------------------------------------------------------------------------
 
-    def _reconstruct(
+    def _run(
         self,
         observation: Observation,
         *,
         generator: torch.Generator,
         progress: bool,
         callback: Callback | None,
-    ) -> AttackOutput:
+    ) -> Run:
+        """Build the preset's parts and run the engine; a preset that post-processes the restarts (a consensus,
+        a second stage) calls this and builds its own output."""
         s = self.settings
         check_restarts(observation, s.restarts, attack=self.name)  # before the restarts' inputs are allocated
         start = time.perf_counter()
@@ -85,34 +94,44 @@ class GradientMatchingAttack(Attack):
         x0 = self._initial(observation, shape, generator).to(observation.device)
         weights = layer_weights(list(observation.update), s.layer_weights)
         prior = self._prior(observation, labels)
+        objective = self._objective(observation)
         build = functools.partial(
-            matching_cost,
-            observation,
-            objective=self._objective(observation),
-            weights=weights,
-            prior=prior,
-            adaptive=s.adaptive,
+            matching_cost, observation, objective=objective, weights=weights, prior=prior, adaptive=s.adaptive
         )
         cost = build()
         autograd_cost = None
         if use_autograd(s, s.restarts) and s.optimizer != "lbfgs":
             with_autograd = build(autograd=True)
             autograd_cost = lambda x: with_autograd(x, labels)  # noqa: E731
+        bounds = box_bounds(observation, shape) if s.boxed else None
         result = optimise(
             lambda x: cost(x, labels),
             x0,
             settings=s,
-            bounds=box_bounds(observation, shape) if s.boxed else None,
+            bounds=bounds,
             autograd_cost=autograd_cost,
+            coupling=self._coupling(labels),
             progress=progress,
             callback=callback,
             desc=self.name,
             start=start,
         )
+        return Run(result, labels, label_source, lambda x: cost(x, labels), bounds)
+
+    def _reconstruct(
+        self,
+        observation: Observation,
+        *,
+        generator: torch.Generator,
+        progress: bool,
+        callback: Callback | None,
+    ) -> AttackOutput:
+        run = self._run(observation, generator=generator, progress=progress, callback=callback)
+        result = run.result
         return AttackOutput(
             inputs=result.inputs,
-            labels=labels,
-            label_source=label_source,
+            labels=run.labels,
+            label_source=run.label_source,
             trace=result.trace,
             extras={
                 "restart_costs": result.costs.tolist(),
@@ -122,3 +141,15 @@ class GradientMatchingAttack(Attack):
                 **result.extras,
             },
         )
+
+
+@dataclass(frozen=True, eq=False)
+class Run:
+    """What :meth:`GradientMatchingAttack._run` gives a preset: the engine's result, the labels used and where
+    they came from, one restart's cost ``cost(x)`` and the box (None without one)."""
+
+    result: EngineResult
+    labels: Tensor
+    label_source: str
+    cost: Callable[[Tensor], Tensor]
+    bounds: tuple[Tensor, Tensor] | None

@@ -187,7 +187,7 @@ class DPSGD(UpdateDefense):
         b = protocol.local_batch_size or n
         current = dict(params)
         for step in range(protocol.local_steps):  # the same local batches as the protocol's own loop
-            idx = local_batch_index(step, b, n)
+            idx = local_batch_index(step, b, n) if client.order is None else client.order[step * b : (step + 1) * b]
             g = self.private_gradient(client, current, x[idx], y[idx], generator)
             current = {k: current[k] - protocol.lr * g[k] for k in current}
         return {k: current[k] - params[k] for k in current}

@@ -206,6 +206,11 @@ def run_cell(
     record = RunRecord(key=cell.key(), case=cell.case, attack=cell.attack, attack_settings=dict(cell.attack_settings))
     try:
         client = build_client(cell.case, cache=cache)
+        if not all(bool(torch.isfinite(v).all()) for v in client.observation.update.values()):
+            raise ConfigError(
+                "the client's update is not finite: its local training diverged (e.g. FedAvg's learning rate is too "
+                "large for this model); lower the local learning rate or the number of local steps"
+            )
         record.device = str(client.observation.device)
         if cell.case.update is not None:
             record.observed_defenses = [spec_of(d) for d in client.observation.defenses]

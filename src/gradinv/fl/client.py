@@ -43,7 +43,8 @@ class ClientBatch:
 @dataclasses.dataclass(frozen=True, eq=False)
 class ClientState:
     """What the client holds when it defends its update: the model (a stateless twin), its parameters and
-    buffers, the batch it trained on (after any data defense), the loss and the protocol."""
+    buffers, the batch it trained on (after any data defense), the loss, the protocol and, for a shuffling
+    FedAvg client, the sample order its local steps took (None: the fixed cyclic order)."""
 
     model: nn.Module
     params: Mapping[str, Tensor]
@@ -52,6 +53,7 @@ class ClientState:
     loss_fn: LossFn
     protocol: Protocol
     train_mode: bool
+    order: Tensor | None = None
 
 
 __all__ = ["STAGES", "ClientBatch", "ClientState", "Stage"]

@@ -209,6 +209,7 @@ class Scenario:
             loss_fn=self.loss_fn,
             protocol=self.protocol,
             train_mode=self.train_mode,
+            order=order,
         )
         for defense in self.defenses:
             if defense.stage == "update":

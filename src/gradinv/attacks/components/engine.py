@@ -150,6 +150,7 @@ def optimise(
     settings: MatchingSettings,
     bounds: tuple[Tensor, Tensor] | None,
     autograd_cost: Callable[[Tensor], Tensor] | None = None,
+    coupling: Callable[[Tensor, Tensor], Tensor] | None = None,
     progress: bool = False,
     callback: Callback | None = None,
     desc: str = "attack",
@@ -160,6 +161,9 @@ def optimise(
 
     ``autograd_cost``: the same cost built for plain autograd (``matching_cost(..., autograd=True)``), used when
     :func:`use_autograd` says so; without it ``cost`` is differentiated with ``torch.func``.
+    ``coupling(x, values)``: the gradient of the term that couples the restarts, weighted by ``settings.group``
+    (default: :func:`group_gradient`, each restart to the restarts' mean); GradInversion registers the restarts
+    to a consensus first.
     Trace times and callback times are measured from ``start`` (default: now).
     """
     s = settings
@@ -171,13 +175,14 @@ def optimise(
     optimizer = make_optimizer(s.optimizer, [x], lr=s.lr)
     scheduler = make_scheduler(optimizer, s.schedule, s.iterations, warmup=s.warmup)
     step = _gradient(cost, autograd_cost if use_autograd(s, restarts) else None, restarts)
+    coupling = coupling or (lambda x, _values: group_gradient(x))
     stall = _Stall(s.patience, s.min_improvement)
     trace: list[TracePoint] = []
     stopped, it = "iterations", -1
     for it in tqdm(range(s.iterations), desc=desc, disable=not progress, leave=False):
         g, values = step(x.detach())
-        if s.group and restarts > 1:
-            g = g + s.group * _group_gradient(x.detach())
+        if s.group and restarts > 1:  # held fixed within the step
+            g = g + s.group * coupling(x.detach(), values)
         x.grad = g.sign() if s.signed else g
         optimizer.step()
         scheduler.step()
@@ -200,8 +205,7 @@ def optimise(
                 callback(it, elapsed, x.detach()[best].clone())
         if last:
             break
-    final = _costs(cost, x.detach())
-    final = torch.where(torch.isfinite(final), final, torch.full_like(final, math.inf))
+    final = final_costs(cost, x.detach())
     return EngineResult(
         candidates=x.detach(),
         costs=final,
@@ -232,19 +236,21 @@ def _gradient(
     return step
 
 
-def _group_gradient(x: Tensor) -> Tensor:
-    """Gradient of :func:`~gradinv.attacks.components.priors.group_consistency` (consensus held fixed)."""
-    consensus = x.mean(0, keepdim=True)
-    per_restart = x[0].numel()
-    return 2 * (x - consensus) / per_restart
+def group_gradient(x: Tensor, consensus: Tensor | None = None) -> Tensor:
+    """Gradient of :func:`~gradinv.attacks.components.priors.group_consistency`: each restart's squared distance
+    to ``consensus`` (default: the restarts' mean; per restart when it has the restarts' axis), held fixed."""
+    consensus = x.mean(0, keepdim=True) if consensus is None else consensus
+    return 2 * (x - consensus) / x[0].numel()
 
 
-def _costs(cost: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+def final_costs(cost: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """Each restart's cost at the end of a run (non-finite ones as +inf, so they never win)."""
     try:
         with torch.no_grad():
-            return vmap(cost)(x)
+            values = vmap(cost)(x)
     except RuntimeError:  # a cost whose replay needs autograd outside vmap
-        return torch.stack([cost(x[r]).detach() for r in range(x.shape[0])])
+        values = torch.stack([cost(x[r]).detach() for r in range(x.shape[0])])
+    return torch.where(torch.isfinite(values), values, torch.full_like(values, math.inf))
 
 
 def _lbfgs(

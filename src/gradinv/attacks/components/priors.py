@@ -52,22 +52,33 @@ def bn_targets(observation: Observation) -> dict[str, tuple[Tensor, Tensor]]:
     return targets
 
 
-def bn_statistics(observation: Observation) -> Prior:
+def bn_statistics(
+    observation: Observation,
+    *,
+    targets: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    train_mode: bool | None = None,
+) -> Prior:
     """GradInversion's BatchNorm prior (Yin et al. 2021, Eq. 10): ``sum_l ||mu_l(x) - mu_l||_2 +
-    ||sigma^2_l(x) - sigma^2_l||_2`` over the BatchNorm layers, against :func:`bn_targets`."""
-    targets = bn_targets(observation)
+    ||sigma^2_l(x) - sigma^2_l||_2`` over the BatchNorm layers of ``targets`` (default :func:`bn_targets`).
+
+    The candidate's statistics are measured with the model in ``train_mode`` (default: the client's mode, so in
+    a train-mode client every layer's input is normalised by the candidate's own statistics, as the client's
+    were by its batch's, and the prior vanishes on the client's batch)."""
+    targets = bn_targets(observation) if targets is None else targets
     if not targets:
         raise ConfigError("the BatchNorm prior needs a model with BatchNorm layers: set its weight to 0 for this model")
-    twin = stateless_twin(observation.model, train_mode=observation.train_mode)  # as the client's pass
+    mode = observation.train_mode if train_mode is None else train_mode
+    twin = stateless_twin(observation.model, train_mode=mode)
     params = {k: v.detach() for k, v in observation.parameters.items()}
     buffers = {k: v.detach() for k, v in observation.buffers.items()}
-    stats = batch_statistics(twin, list(targets))
+    goal = {k: (m.detach().to(observation.device), v.detach().to(observation.device)) for k, (m, v) in targets.items()}
+    stats = batch_statistics(twin, list(goal))
 
     def prior(x: Tensor) -> Tensor:
         seen = stats(params, buffers, x)
         return sum(
             torch.linalg.vector_norm(seen[k][0] - m) + torch.linalg.vector_norm(seen[k][1] - v)
-            for k, (m, v) in targets.items()
+            for k, (m, v) in goal.items()
         )
 
     return prior

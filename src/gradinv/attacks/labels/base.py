@@ -205,7 +205,13 @@ def require_nonnegative_features(
 
 def round_counts(continuous: Tensor, total: int) -> Tensor:
     """Non-negative integer counts summing to ``total`` nearest to ``continuous``: round, then move the
-    difference to the classes whose rounding erred most in that direction (iLRG's post-processing)."""
+    difference to the classes whose rounding erred most in that direction (iLRG's post-processing). Refuses
+    (:class:`AttackError`) non-finite estimates: a vanishing or non-finite update gives nothing to count."""
+    if not bool(torch.isfinite(continuous).all()):
+        raise AttackError(
+            "the label counts came out non-finite (the classifier's update vanishes or is not finite): "
+            "give the labels, or use a method that reads the update's signs"
+        )
     x = continuous.double().clamp(min=0, max=total)
     counts = torch.round(x).long()
     error = counts.double() - x

@@ -20,6 +20,7 @@ from gradinv.attacks.labels.base import (
     register_label_method,
     round_counts,
 )
+from gradinv.errors import AttackError
 from gradinv.types import Observation
 
 ILL_CONDITIONED = 5.0  # an embedding this many times longer than the median comes from a vanishing db
@@ -57,6 +58,11 @@ def ilrg_labels(observation: Observation) -> LabelEstimate:
     probs = torch.softmax(embeddings @ weight.T + bias, dim=1)  # row i: probabilities of class i's samples
     system = torch.cat([probs.T - torch.eye(k, dtype=probs.dtype), torch.ones(1, k, dtype=probs.dtype)])
     target = torch.cat([b * db, torch.tensor([float(b)], dtype=db.dtype)])
+    if not (bool(torch.isfinite(system).all()) and bool(torch.isfinite(target).all())):
+        raise AttackError(
+            "ilrg: the classifier's update gives no finite class embeddings (a vanishing or non-finite bias "
+            "gradient); use a label method that reads the weight gradient's signs, or give the labels"
+        )
     solution = torch.linalg.lstsq(system, target[:, None], driver="gelsd").solution.flatten()
     residual = float((system @ solution - target).norm() / target.norm())
     return LabelEstimate.from_counts("ilrg", round_counts(solution, b), scores=solution, residual=residual)
