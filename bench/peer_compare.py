@@ -385,6 +385,12 @@ def settings_text(settings: dict[str, Any], keys: tuple[str, ...] | None = None)
     return ", ".join(f"{k}={v}" for k, v in settings.items() if keys is None or k in keys)
 
 
+def reached(g: dict[str, Any]) -> tuple[float | None, str]:
+    """gradinv's seconds to the peer's final PSNR and how the tables write it (with the iteration or step)."""
+    reach = g["seconds_to_peer_psnr"]
+    return reach, f"{f(reach, '.1f')} ({g['iterations_to_peer_psnr']})" if reach is not None else "not reached"
+
+
 def ig_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| model | photo | it. | s/it peer | s/it gradinv | gradinv / peer | PSNR peer | PSNR gradinv | "
@@ -393,8 +399,7 @@ def ig_table(rows: list[dict[str, Any]]) -> list[str]:
     ]
     for r in rows:
         p, g = r["peer"], r["gradinv"]
-        reach = g["seconds_to_peer_psnr"]
-        reach_text = f"{f(reach, '.1f')} ({g['iterations_to_peer_psnr']})" if reach is not None else "not reached"
+        reach, reach_text = reached(g)
         speed = ratio(g["seconds_per_iteration"], p["seconds_per_iteration"])
         lines.append(
             f"| {r['model']} | {r['photo']} | {r['iterations']} | {f(p['seconds_per_iteration'], '.4f')} | "
@@ -415,8 +420,7 @@ def dlg_table(rows: list[dict[str, Any]]) -> list[str]:
     ]
     for r in rows:
         p, g = r["peer"], r["gradinv"]
-        reach = g["seconds_to_peer_psnr"]
-        reach_text = f"{f(reach, '.1f')} ({g['iterations_to_peer_psnr']})" if reach is not None else "not reached"
+        reach, reach_text = reached(g)
         lines.append(
             f"| {r['model_seed']} | {f(p['psnr'], '.2f')} | {f(p['seconds_total'], '.1f')} | "
             f"{f(p['seconds_per_objective_evaluation'], '.4f')} | {p['labels']} | {reach_text} | "
