@@ -59,7 +59,7 @@ from gradinv._settings import above, at_least, one_of
 from gradinv.attacks.base import AttackOutput, Callback, register_attack
 from gradinv.attacks.components.engine import MatchingSettings
 from gradinv.attacks.components.objectives import OBJECTIVES, Distance, Objective
-from gradinv.attacks.components.priors import Prior, build_priors
+from gradinv.attacks.components.priors import Prior, build_priors, combine_priors
 from gradinv.attacks.matching import GradientMatchingAttack
 from gradinv.fl.protocols import FedAvg, FedSGD, client_slices
 from gradinv.types import Observation
@@ -322,18 +322,9 @@ class BayesianAttack(GradientMatchingAttack):
 
     def _prior(self, observation: Observation, labels: Tensor) -> Prior | None:
         s = self.settings
-        parts: list[Prior] = []
         engine = build_priors(observation, labels, {"tv": s.tv, "l2": s.l2, "bn": s.bn, "label": s.label})
-        if engine is not None:
-            parts.append(engine)
-        energy = image_log_prior(s.image_prior)
-        exact = s.noise_model and self.channel(observation).likelihood == "none"
-        if energy is not None and s.prior_weight and not exact:
-            weight = s.prior_weight
-            parts.append(lambda x: weight * energy(x))
-        if not parts:
-            return None
-        return parts[0] if len(parts) == 1 else (lambda x: sum(p(x) for p in parts))
+        exact = s.noise_model and self.channel(observation).likelihood == "none"  # an exact update needs no prior
+        return combine_priors((1.0, engine), (0.0 if exact else s.prior_weight, image_log_prior(s.image_prior)))
 
     def _reconstruct(
         self,

@@ -35,8 +35,8 @@ from torch import Tensor
 from gradinv._settings import one_of
 from gradinv.attacks.base import AttackOutput, Callback, register_attack
 from gradinv.attacks.components.engine import MatchingSettings
-from gradinv.attacks.components.priors import Prior, build_priors
-from gradinv.attacks.gradinversion import batchnorm_prior, combine_priors, running_statistics
+from gradinv.attacks.components.priors import Prior, build_priors, combine_priors
+from gradinv.attacks.gradinversion import batchnorm_prior, running_statistics
 from gradinv.attacks.matching import GradientMatchingAttack
 from gradinv.types import Observation
 

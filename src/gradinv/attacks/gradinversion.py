@@ -45,7 +45,7 @@ from gradinv._settings import at_least, one_of
 from gradinv.attacks.base import AttackOutput, Callback, register_attack
 from gradinv.attacks.components.engine import MatchingSettings, final_costs, group_gradient
 from gradinv.attacks.components.objectives import OBJECTIVES, Distance, Objective
-from gradinv.attacks.components.priors import Prior, bn_statistics, bn_targets, build_priors
+from gradinv.attacks.components.priors import Prior, bn_statistics, bn_targets, build_priors, combine_priors
 from gradinv.attacks.matching import GradientMatchingAttack
 from gradinv.errors import ConfigError
 from gradinv.models import classifier_layer
@@ -73,18 +73,6 @@ def batchnorm_prior(
     """The engine's BatchNorm prior (Eq. 10, :func:`~gradinv.attacks.components.priors.bn_statistics`) against
     ``targets``, or None when ``targets`` is empty (a model without BatchNorm)."""
     return bn_statistics(observation, targets=targets, train_mode=train_mode) if targets else None
-
-
-def combine_priors(*parts: tuple[float, Prior | None]) -> Prior | None:
-    """The weighted sum of the priors that exist and have a non-zero weight, or None."""
-    kept = [(w, p) for w, p in parts if w and p is not None]
-    if not kept:
-        return None
-
-    def prior(x: Tensor) -> Tensor:
-        return sum(w * p(x) for w, p in kept)
-
-    return prior
 
 
 def layer_euclidean(target: Mapping[str, Tensor], *, weights: Mapping[str, float] | None = None) -> Distance:
@@ -411,7 +399,6 @@ __all__ = [
     "GradInversionSettings",
     "Registration",
     "batchnorm_prior",
-    "combine_priors",
     "label_groups",
     "layer_euclidean",
     "mean_consensus",

@@ -132,10 +132,16 @@ def build_priors(observation: Observation, labels: Tensor, weights: Mapping[str,
             parts.append((weight, label_prior(observation, labels)))
         else:
             raise ConfigError(f"unknown prior {name!r}: use one of {', '.join(PRIORS)}")
-    if not parts:
+    return combine_priors(*parts)
+
+
+def combine_priors(*parts: tuple[float, Prior | None]) -> Prior | None:
+    """The weighted sum of the priors that exist and have a non-zero weight, or None."""
+    kept = [(w, p) for w, p in parts if w and p is not None]
+    if not kept:
         return None
 
     def prior(x: Tensor) -> Tensor:
-        return sum(w * p(x) for w, p in parts)
+        return sum(w * p(x) for w, p in kept)
 
     return prior
