@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) bench/time_to_psnr.py --threads $(BENCH_THREADS)
 	$(PY) bench/engine.py --threads $(BENCH_THREADS)
 	$(PY) bench/iterative.py --resume --threads $(BENCH_THREADS)
+	$(PY) bench/gradinversion.py --threads $(BENCH_THREADS)
 	$(PY) bench/bayesian.py --threads 1
 	$(PY) bench/gias.py --threads 1
 	$(PY) bench/cafe.py --threads 1

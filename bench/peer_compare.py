@@ -34,7 +34,8 @@ Usage (from the repository root; the published numbers need an otherwise idle ma
     /work/.peerenv/bin/python bench/peer_compare.py --threads 2
     /work/.peerenv/bin/python bench/peer_compare.py --quick      # a tiny run into runs/bench-quick/
 Options: --cases convnet,resnet18,dlg  --photos chelsea,coffee  --iterations 1000  --dlg-iterations 300
---dlg-seeds 5  --dlg-photo chelsea  --label 3  --seed 0  --check-every 5  --timing-run  --peer-harness DIR.
+--dlg-seeds 5  --dlg-photo chelsea  --label 3  --seed 0  --check-every 5  --timing-run  --peer-harness DIR
+--speed-repeats 7  --speed-iterations 100 (seconds per iteration from short interleaved runs, see the table).
 Writes OUT/peer_compare.{md,json} and OUT/peer_compare.images.safetensors (the exact pixels, which
 bench/time_to_psnr.py attacks again); OUT defaults to bench/results (runs/bench-quick with --quick).
 """
@@ -240,6 +241,7 @@ def ig_row(rb: Any, model_name: str, photo: str, images01: torch.Tensor, args: A
         "invgrad", obs, truth, seed=args.seed, check_every=args.check_every, iterations=args.iterations
     )
     timing = untraced_seconds("invgrad", obs, seed=args.seed, iterations=args.iterations) if args.timing_run else None
+    speed = interleaved_speed(rb, model, images01, labels, obs, args) if args.speed_repeats else None
     load_after = os.getloadavg()
     target = number(peer["psnr"])
     hit = first_reach(ours["trace"], target)
@@ -285,8 +287,47 @@ def ig_row(rb: Any, model_name: str, photo: str, images01: torch.Tensor, args: A
             "seconds_to_peer_psnr": None if hit is None else hit[1],
             "trace": ours["trace"],
         },
+        "speed": speed,
         "loadavg_1_5_15_before": [round(v, 2) for v in load_before],
         "loadavg_1_5_15_after": [round(v, 2) for v in load_after],
+    }
+
+
+def interleaved_speed(
+    rb: Any, model: torch.nn.Module, images01: torch.Tensor, labels: torch.Tensor, obs: Observation, args: Any
+) -> dict[str, Any]:
+    """Seconds per iteration of both tools over ``--speed-repeats`` short runs of ``--speed-iterations`` each,
+    alternating which tool goes first, so a change of machine load hits both alike; medians and their ratio."""
+    peer, ours = [], []
+    for repeat in range(args.speed_repeats):
+        order = ("peer", "gradinv") if repeat % 2 == 0 else ("gradinv", "peer")
+        for tool in order:
+            if tool == "peer":
+                result, _ = run_peer(
+                    rb,
+                    model,
+                    images01,
+                    labels,
+                    attack="invertinggradients",
+                    iterations=args.speed_iterations,
+                    restarts=1,
+                    attack_seed=args.seed + repeat,
+                    threads=args.threads,
+                    provide_labels=True,
+                )
+                peer.append(result["seconds_per_iteration"])
+            else:
+                seconds = untraced_seconds("invgrad", obs, seed=args.seed + repeat, iterations=args.speed_iterations)
+                ours.append(seconds / args.speed_iterations)
+    median_peer, median_ours = statistics.median(peer), statistics.median(ours)
+    return {
+        "repeats": args.speed_repeats,
+        "iterations": args.speed_iterations,
+        "peer_seconds_per_iteration": peer,
+        "gradinv_seconds_per_iteration": ours,
+        "peer_median": median_peer,
+        "gradinv_median": median_ours,
+        "ratio": median_ours / median_peer,
     }
 
 
@@ -412,6 +453,23 @@ def ig_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def speed_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| model | photo | runs x it. | s/it peer (median) | s/it gradinv (median) | gradinv / peer | peer runs | "
+        "gradinv runs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        sp = r["speed"]
+        runs = lambda xs: ", ".join(f"{x:.4f}" for x in xs)  # noqa: E731
+        lines.append(
+            f"| {r['model']} | {r['photo']} | {sp['repeats']} x {sp['iterations']} | {sp['peer_median']:.4f} | "
+            f"{sp['gradinv_median']:.4f} | {sp['ratio']:.3f} | {runs(sp['peer_seconds_per_iteration'])} | "
+            f"{runs(sp['gradinv_seconds_per_iteration'])} |"
+        )
+    return lines
+
+
 def dlg_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| seed | PSNR peer | s peer | s/eval peer | labels peer | gradinv s to peer PSNR (step) | PSNR gradinv | "
@@ -485,6 +543,17 @@ def report(run: dict[str, Any], ig: list[dict[str, Any]], dlg: list[dict[str, An
             f"- gradinv (invgrad): {settings_text(g)}",
             "",
         ]
+        timed = [r for r in ig if r.get("speed")]
+        if timed:
+            lines += [
+                "Seconds per iteration, interleaved: short runs of each tool one after the other, alternating which "
+                "goes first, on the same case and threads (peer: its harness's attack seconds over its iterations; "
+                "gradinv: its whole reconstruct call's seconds, set-up and final scoring included, over its "
+                "iterations). The medians' ratio is the speed comparison; the long runs above time each tool once.",
+                "",
+                *speed_table(timed),
+                "",
+            ]
     if dlg:
         g, p = dlg[0]["gradinv"]["settings"], dlg[0]["peer"]["settings"]
         lines += [
@@ -519,12 +588,28 @@ def main() -> None:
     p.add_argument("--dlg-seeds", type=int, help="DLG seeds 0..N-1 (default 5; --quick 1)")
     p.add_argument("--check-every", type=int, help="gradinv's PSNR check, in iterations (default 5; --quick 1)")
     p.add_argument("--timing-run", action="store_true", help="also time gradinv's Inverting Gradients untraced")
+    p.add_argument("--speed-repeats", type=int, help="interleaved short runs per tool (default 7; --quick 1; 0: none)")
+    p.add_argument("--speed-iterations", type=int, help="iterations of each short run (default 100; --quick 5)")
     p.add_argument("--peer-harness", type=Path, default=ROOT.parent / "shared" / "peer", help="run_breaching.py's dir")
     args = p.parse_args()
     defaults = (
-        {"iterations": QUICK_ITERATIONS, "dlg_iterations": QUICK_DLG_ITERATIONS, "dlg_seeds": 1, "check_every": 1}
+        {
+            "iterations": QUICK_ITERATIONS,
+            "dlg_iterations": QUICK_DLG_ITERATIONS,
+            "dlg_seeds": 1,
+            "check_every": 1,
+            "speed_repeats": 1,
+            "speed_iterations": 5,
+        }
         if args.quick
-        else {"iterations": 1000, "dlg_iterations": 300, "dlg_seeds": 5, "check_every": 5}
+        else {
+            "iterations": 1000,
+            "dlg_iterations": 300,
+            "dlg_seeds": 5,
+            "check_every": 5,
+            "speed_repeats": 7,
+            "speed_iterations": 100,
+        }
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -533,7 +618,7 @@ def main() -> None:
     unknown = sorted(set(cases) - {*IG_CASES, "dlg"})
     if unknown:
         fail(f"unknown case(s) {unknown}: choose from {', '.join((*IG_CASES, 'dlg'))}")
-    for key in ("iterations", "dlg_iterations", "dlg_seeds", "check_every", "threads"):
+    for key in ("iterations", "dlg_iterations", "dlg_seeds", "check_every", "threads", "speed_iterations"):
         if getattr(args, key) < 1:
             fail(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
     rb = load_peer(args.peer_harness)

@@ -120,6 +120,7 @@ def _case_for(name: str, digits32, deficient_chain):
     """A scenario each attack accepts: its paper's setting, small enough for a quick test."""
     from torch import nn
 
+    from gradinv.experiments.runner import reconstructs_tokens
     from gradinv.fl.malicious import ImprintServer, TrapWeightsServer
 
     norm = digits32.normalization
@@ -141,6 +142,14 @@ def _case_for(name: str, digits32, deficient_chain):
         model = build_model("convnet", num_classes=10, seed=0, width=8)
         protocol = FedAvg(local_steps=4, lr=0.1, local_batch_size=1, shuffle=True)
         return _scenario(digits32, model, b=2, protocol=protocol)
+    elif name in ("april", "april-opt"):  # a vision transformer with a learnable position embedding
+        model = build_model("vit-tiny", num_classes=10, seed=0, width=64, depth=1, heads=2, patch_size=8)
+    elif reconstructs_tokens(ATTACKS[name]):  # a small causal language model on token ids
+        from gradinv.models import build_text_model
+
+        model = build_text_model("gpt2-tiny", vocab_size=64, seed=0, width=32, heads=2)
+        tokens = torch.randint(4, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+        return Scenario.from_tokens(model, tokens)
     else:
         model = build_model("convnet", num_classes=10, seed=0, width=8)
     return _scenario(digits32, model, threat=threat)

@@ -81,7 +81,7 @@ def test_stats_are_deterministic_and_from_images() -> None:
 
 def test_list_sources() -> None:
     names = [name for name, _ in list_data_sources()]
-    assert names == list(BUILTIN_SOURCES) == ["digits", "photos", "synthetic:K"]
+    assert names == list(BUILTIN_SOURCES) == ["digits", "photos", "photo-crops", "synthetic:K"]
 
 
 def test_synthetic_many_class_source() -> None:
@@ -343,3 +343,18 @@ def test_channel_stats_in_chunks_match_one_pass(monkeypatch) -> None:
     mean, std = dataset_module.channel_stats(images)
     assert mean == pytest.approx(x.mean(dim=(0, 2, 3)).tolist(), abs=1e-12)
     assert std == pytest.approx(x.std(dim=(0, 2, 3), unbiased=False).tolist(), abs=1e-12)
+
+
+def test_photo_crops_are_seeded_crops_of_every_photo_never_a_whole_photo() -> None:
+    from gradinv.data import load_photo_crops
+
+    ds = load_dataset("photo-crops", image_size=16)
+    photos = load_dataset("photos", image_size=16)
+    assert ds.class_names == photos.class_names
+    assert ds.labels.bincount().tolist() == [100] * len(photos)
+    _check_dataset(ds, n=100 * len(photos), channels=3, size=16)
+    again = load_photo_crops(image_size=16, per_photo=3, seed=0)
+    assert torch.equal(again.images, load_photo_crops(image_size=16, per_photo=3, seed=0).images)
+    assert not torch.equal(again.images, load_photo_crops(image_size=16, per_photo=3, seed=1).images)
+    gap = torch.cdist(ds.images.flatten(1), photos.images.flatten(1)).min()
+    assert float(gap) > 0.1  # no crop is the whole (centre-cropped) photo

@@ -217,3 +217,34 @@ def test_observation_carries_defense_objects_and_with_knowledge_keeps_them(digit
     )
     assert [type(d) for d in again.defenses] == [type(parse_defense("noise"))]
     assert again.defenses[0].settings == obs.defenses[0].settings
+
+
+def test_bind_state_evaluates_like_functional_call_with_tied_weights():
+    """A bound twin evaluates at the given tensors, tied parameters included (one tensor under two names)."""
+    from torch import nn
+    from torch.func import functional_call
+
+    from gradinv.fl.functional import bind_state, is_bound, stateless_twin
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(7, 4)
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.embed(ids))
+
+    torch.manual_seed(0)
+    model = Tied()
+    twin = stateless_twin(model, train_mode=False)
+    params = {k: v.detach() + 0.5 for k, v in model.named_parameters()}
+    assert list(params) == ["embed.weight"]  # the tie: one name
+    ids = torch.tensor([[1, 2, 3]])
+    buffers: dict = {}
+    expected = functional_call(twin, (params, buffers), (ids,))
+    bind_state(twin, params, buffers)
+    assert is_bound(twin, params, buffers) and not is_bound(twin, dict(params), buffers)
+    torch.testing.assert_close(twin(ids), expected)
+    torch.testing.assert_close(model(ids), functional_call(model, (dict(model.named_parameters()), {}), (ids,)))

@@ -166,3 +166,19 @@ def test_the_bn_prior_pulls_the_candidate_to_the_batch_statistics(digits16):
         assert rec.settings["bn_statistics"] == mode
         gap[mode] = float(distance(rec.inputs))
     assert gap["exact"] < 0.75 * gap["none"], gap
+
+
+def test_restarts_are_registered_every_register_every_iterations(digits16, monkeypatch):
+    from gradinv.attacks.gradinversion import GradInversion
+
+    calls = []
+    original = GradInversion._register
+    monkeypatch.setattr(GradInversion, "_register", lambda self, *a: calls.append(1) or original(self, *a))
+    obs = _scenario(digits16, _convnet()).observe()
+    build_attack("gradinversion", iterations=7, restarts=2, register_every=3).reconstruct(obs, seed=0)
+    assert len(calls) == 3 + 1  # iterations 0, 3, 6, then the output's registration
+    calls.clear()
+    build_attack("gradinversion", iterations=7, restarts=2, register_every=1).reconstruct(obs, seed=0)
+    assert len(calls) == 7 + 1
+    with pytest.raises(ConfigError, match="register_every"):
+        build_attack("gradinversion", register_every=0)

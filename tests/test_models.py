@@ -18,7 +18,7 @@ from gradinv.models import (
     train_model,
 )
 
-NAMES = ["cnn6", "convnet", "lenet", "mlp", "resnet18", "resnet20", "resnet32"]
+NAMES = ["cnn6", "convnet", "lenet", "mlp", "resnet18", "resnet20", "resnet32", "vit-tiny"]
 CLASSIFIER = {
     "mlp": "layers.2",
     "lenet": "fc",
@@ -27,6 +27,7 @@ CLASSIFIER = {
     "resnet20": "fc",
     "resnet32": "fc",
     "cnn6": "fc",
+    "vit-tiny": "head",
 }
 
 

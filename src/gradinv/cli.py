@@ -104,10 +104,18 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_case_options(p: argparse.ArgumentParser, *, model: str, data: str) -> None:
     """The flags that describe a client and its observer: each maps to one field of the case."""
     p.set_defaults(default_model=model, default_data=data)
-    p.add_argument("--model", help=f"model name (default {model}; see `gradinv list`)")
+    p.add_argument("--model", help=f"model name (default {model}; text models such as gpt2-tiny: see `gradinv list`)")
     _add_model_options(p)
-    p.add_argument("--data", help=f"digits, photos, a folder of images or an .npz file (default {data})")
+    p.add_argument(
+        "--data",
+        help=f"digits, photos, a folder of images or an .npz file (default {data}); for a text model: text, "
+        "synthetic, a .txt file or a folder of .txt files (default text)",
+    )
     p.add_argument("--image-size", type=_positive, help="image side in pixels (default 32)")
+    p.add_argument("--seq-len", type=_positive, help="text models: tokens per sequence (default 16)")
+    p.add_argument(
+        "--vocab-size", type=_positive, help="text models: the tokenizer's largest vocabulary (default 5000)"
+    )
     p.add_argument("--batch-size", type=_positive, help="client batch size (default 1)")
     p.add_argument("--seed", type=int, help="seed of model, data, defenses and attack (default 0)")
     p.add_argument("--trained-steps", type=_nonneg, default=0, help="train the model this many SGD steps first")
@@ -305,14 +313,20 @@ def case_from_args(args: argparse.Namespace, *, needs_data: bool = True):
         if _given(args, "local_steps")
         else FedSGD()
     )
-    data = args.data if _given(args, "data") else args.default_data
+    from gradinv.models import TEXT_MODELS
+
+    model = args.model or args.default_model
+    text = model in TEXT_MODELS
+    if text and _given(args, "image_size"):
+        raise ConfigError(f"{model} is a text model: --image-size does not apply (use --seq-len)")
+    data = args.data if _given(args, "data") else ("text" if text else args.default_data)
     if str(data).lower() == "none":
         if needs_data:
             raise ConfigError(f"{args.command} simulates clients, so it needs --data")
         data = None
     seed = args.seed if _given(args, "seed") else 0
     case = Case(
-        model=args.model or args.default_model,
+        model=model,
         model_options=dict(args.model_options),
         weights=args.weights,
         num_classes=args.num_classes,
@@ -320,6 +334,8 @@ def case_from_args(args: argparse.Namespace, *, needs_data: bool = True):
         train_data=args.train_data,
         data=data,
         image_size=args.image_size or 32,
+        seq_len=getattr(args, "seq_len", None),
+        vocab_size=getattr(args, "vocab_size", None),
         batch_size=args.batch_size or 1,
         protocol=protocol,
         clients=args.clients,
@@ -331,7 +347,7 @@ def case_from_args(args: argparse.Namespace, *, needs_data: bool = True):
         seeds=Seeds.all(seed),
     )
     if update is not None:
-        explicit = [n for n in ("batch_size", "image_size") if _given(args, n)]
+        explicit = [n for n in ("batch_size", "image_size", "seq_len", "vocab_size") if _given(args, n)]
         explicit += ["protocol"] if _given(args, "local_steps") else []
         explicit += ["seeds"] if _given(args, "seed") else []
         explicit += ["train_mode"] if args.train_mode else []
@@ -397,6 +413,11 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         line += f" defended by {', '.join(d.name for d in case.defenses)}"
         line += f" (epsilon {r.dp_epsilon:.2f})" if r.dp_epsilon is not None else ""
     line += f": {r.seconds:.1f} s"
+    if r.rouge1 is not None:
+        line += (
+            f", ROUGE-1 {r.rouge1:.3f}, ROUGE-2 {r.rouge2:.3f}, ROUGE-L {r.rougeL:.3f}, token accuracy "
+            f"{r.token_accuracy:.3f}, exact {r.exact:.2f}"
+        )
     if r.psnr is not None:
         line += f", PSNR {r.psnr:.2f} dB, SSIM {r.ssim:.3f}"
         if case.batch_size > 1:
@@ -644,8 +665,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from gradinv.attacks import ATTACKS
     from gradinv.attacks.labels import LABEL_METHODS
     from gradinv.data import list_data_sources
+    from gradinv.data.text import TEXT_SOURCES
     from gradinv.defenses import DEFENSES
-    from gradinv.models import list_models
+    from gradinv.experiments.runner import reconstructs_tokens
+    from gradinv.models import list_models, list_text_models
 
     print("attacks (survey Table 1 row: initialisation | objective | optimiser | priors):")
     for name in sorted(ATTACKS):
@@ -685,6 +708,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for name, summary in list_data_sources():
         print(f"  {name:<10} {summary}")
     print("  PATH       a folder of images (class sub-folders or flat) or an .npz file with images and labels")
+    print("text models (--model; with --seq-len L, --vocab-size V):")
+    for name, summary in list_text_models():
+        print(f"  {name:<10} {summary}")
+    print("text data (--data, for a text model):")
+    for name, summary in TEXT_SOURCES.items():
+        print(f"  {name:<10} {summary}")
+    print("  PATH.txt   a UTF-8 text file; or a FOLDER of .txt files (flat: one class; class sub-folders)")
+    text_attacks = sorted(name for name in ATTACKS if reconstructs_tokens(ATTACKS[name]))
+    print(f"text attacks (on text models): {', '.join(text_attacks) if text_attacks else 'none registered'}")
     return 0
 
 

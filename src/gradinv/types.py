@@ -216,12 +216,15 @@ class GroundTruth:
     """The client's private batch (normalised inputs and labels): for evaluation only."""
 
     inputs: Tensor
-    labels: Tensor
-    normalization: Normalization
+    labels: Tensor | None
+    #: None for token inputs (a text model's batch: ``inputs`` are token ids, and a language model has no labels)
+    normalization: Normalization | None
 
     @property
     def images(self) -> Tensor:
         """The batch de-normalised to [0, 1]."""
+        if self.normalization is None:
+            raise TypeError("this batch holds token ids, not images: use .inputs")
         return self.normalization.denormalize(self.inputs).clamp(0, 1)
 
 

@@ -2,9 +2,11 @@
 
 from gradinv.attacks import (  # noqa: F401  (registers)
     analytic,
+    april,
     bayesian,
     copa,
     cpl,
+    dager,
     dlg,
     fedavg_epochs,
     gias,
@@ -16,6 +18,7 @@ from gradinv.attacks import (  # noqa: F401  (registers)
     ppdl_spn,
     rgap,
     sapag,
+    token_leak,
 )
 from gradinv.attacks.base import ATTACKS, Attack, build_attack, register_attack
 

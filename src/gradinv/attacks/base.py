@@ -72,6 +72,8 @@ class Attack(Configurable, ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     #: the paper's row of the survey's Table 1 (Zhang et al. 2022): initialisation, objective, optimiser, priors
     table1: ClassVar[dict[str, str]] = {}
+    #: what the attack rebuilds: ``"image"`` inputs or ``"text"`` (token ids of a text model)
+    modality: ClassVar[str] = "image"
 
     def check(self, observation: Observation) -> None:
         """Raise one error naming every piece of knowledge this attack needs and the observation lacks."""

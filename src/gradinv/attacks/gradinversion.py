@@ -261,6 +261,10 @@ class GradInversionSettings(MatchingSettings):
     #: how restarts are registered to their consensus: ``shift`` (translations, label-group assignment), ``none``
     registration: str = "shift"
     max_shift: int = 2
+    #: (``shift``) register the restarts again every this many iterations; in between, each restart is pulled
+    #: towards the last registered consensus (registering at every step costs more than the batched gradient step
+    #: itself on a batch of 8: measured in ``bench/iterative.py``; the consensus moves slowly)
+    register_every: int = 10
     #: the result: ``auto`` (lowest final cost among the restarts and the consensus), ``best`` restart, ``consensus``
     output: str = "auto"
 
@@ -277,6 +281,7 @@ class GradInversionSettings(MatchingSettings):
             ),
             *one_of("registration", self.registration, REGISTRATIONS),
             *at_least("max_shift", self.max_shift, 0),
+            *at_least("register_every", self.register_every, 1),
             *one_of("output", self.output, OUTPUTS),
         ]
 
@@ -344,9 +349,13 @@ class GradInversion(GradientMatchingAttack):
 
     def _coupling(self, labels: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
         groups = label_groups(labels)
+        state: dict[str, object] = {"step": 0, "targets": None}
 
         def registered(x: Tensor, values: Tensor) -> Tensor:  # Eq. 11-12: the pull to the registered consensus
-            return group_gradient(x, self._register(x, groups, int(torch.argmin(values))).targets)
+            if self.settings.registration == "none" or state["step"] % self.settings.register_every == 0:
+                state["targets"] = self._register(x, groups, int(torch.argmin(values))).targets
+            state["step"] += 1
+            return group_gradient(x, state["targets"])
 
         return registered
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from gradinv.data.builtin import (
+    PHOTO_CROPS_PER_PHOTO,
     PHOTO_NAMES,
     _raw_digits,
     available_photos,
     load_digits,
+    load_photo_crops,
     load_photos,
     load_synthetic,
     synthetic_size,
@@ -26,10 +28,26 @@ from gradinv.data.dataset import (
     sample_batch,
 )
 from gradinv.data.folder import IMAGE_EXTENSIONS, load_folder, load_npz
+from gradinv.data.text import (
+    BPETokenizer,
+    TextDataset,
+    TextTokenizer,
+    WordTokenizer,
+    load_text,
+    load_tokenizer,
+    split_sentences,
+)
 from gradinv.data.transforms import center_crop_resize, to_channels
 from gradinv.errors import ConfigError, DataError
 
 __all__ = [
+    "BPETokenizer",
+    "TextDataset",
+    "TextTokenizer",
+    "WordTokenizer",
+    "load_text",
+    "load_tokenizer",
+    "split_sentences",
     "BUILTIN_SOURCES",
     "IMAGE_EXTENSIONS",
     "MAX_IMAGE_SIZE",
@@ -47,6 +65,7 @@ __all__ = [
     "load_digits",
     "load_folder",
     "load_npz",
+    "load_photo_crops",
     "load_photos",
     "load_synthetic",
     "sample_batch",
@@ -61,6 +80,8 @@ MAX_IMAGE_SIZE = 1024
 BUILTIN_SOURCES: dict[str, str] = {
     "digits": "scikit-learn handwritten digits: 1,797 grey 8x8 images upscaled, 10 classes (0-9)",
     "photos": f"scikit-image bundled photos: {len(PHOTO_NAMES)} RGB photos, one class each",
+    "photo-crops": f"random crops of those photos, {PHOTO_CROPS_PER_PHOTO} per photo (class = photo): a natural-image "
+    "training set",
     "synthetic:K": "random RGB images with random labels over K classes (default 100): many-class label tests",
 }
 
@@ -125,9 +146,14 @@ def load_dataset(source: str | Path, *, image_size: int = 32, channels: int | No
         key = source.strip().lower()
         if key == "digits":  # the whole peak, checked before anything is allocated
             _check_conversion("data source 'digits'", len(_raw_digits()[1]), 1, channels, image_size)
-        else:
+        elif key == "photos":
             _check_conversion("data source 'photos'", len(PHOTO_NAMES), 3, channels, image_size)
-        dataset = load_digits(image_size=image_size) if key == "digits" else load_photos(image_size=image_size)
+        else:
+            _check_conversion(
+                "data source 'photo-crops'", len(PHOTO_NAMES) * PHOTO_CROPS_PER_PHOTO, 3, channels, image_size
+            )
+        loaders = {"digits": load_digits, "photos": load_photos, "photo-crops": load_photo_crops}
+        dataset = loaders[key](image_size=image_size)
     elif isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.exists():

@@ -2,6 +2,7 @@
 
 * ``digits``: scikit-learn's 1,797 handwritten digits (8x8 grey, 10 classes), upscaled.
 * ``photos``: a few of scikit-image's bundled photos, one class per photo.
+* ``photo-crops``: random crops of those photos, many per class: a natural-image training set.
 """
 
 from __future__ import annotations
@@ -141,6 +142,59 @@ def load_photos(*, image_size: int = 32, names: Sequence[str] | None = None) -> 
         )
     return ImageDataset.from_tensors(
         "photos", images[: len(loaded)], torch.arange(len(loaded)), class_names=tuple(loaded)
+    )
+
+
+#: crops per photo of the ``photo-crops`` source, and the range of a crop's side (fraction of the shorter side)
+PHOTO_CROPS_PER_PHOTO = 100
+PHOTO_CROP_SIDES = (0.25, 0.75)
+
+
+def load_photo_crops(
+    *, image_size: int = 32, per_photo: int = PHOTO_CROPS_PER_PHOTO, seed: int = 0, names: Sequence[str] | None = None
+) -> ImageDataset:
+    """Random square crops of the bundled photos, ``per_photo`` each, resized to ``image_size``; label = photo.
+
+    A crop's side is drawn uniformly from 25-75% of the photo's shorter side, its place uniformly inside the
+    photo, and it is mirrored left-right with probability 1/2 (seeded: one seed, one dataset). No crop is a
+    whole photo, so a model trained here has natural-image BatchNorm statistics (what GradInversion's prior,
+    Yin et al. 2021, assumes of a trained model) without having seen the ``photos`` source's images.
+    """
+    if isinstance(per_photo, bool) or not isinstance(per_photo, int) or per_photo < 1:
+        raise ConfigError(f"per_photo must be a positive integer, got {per_photo!r}")
+    names = tuple(PHOTO_NAMES if names is None else names)
+    check_images_fit(
+        "data source 'photo-crops'",
+        count=len(names) * per_photo,
+        channels=3,
+        image_size=image_size,
+        fix="lower --image-size",
+    )
+    gen = torch.Generator().manual_seed(seed)
+    crops, labels, loaded = [], [], []
+    for name in names:
+        try:
+            raw = torch.from_numpy(np.array(_raw_photo(name), dtype=np.uint8)).permute(2, 0, 1)
+        except Exception:  # a photo that needs a download: skipped, as load_photos does
+            continue
+        h, w = raw.shape[-2:]
+        low, high = (max(1, round(f * min(h, w))) for f in PHOTO_CROP_SIDES)
+        for _ in range(per_photo):
+            side = int(torch.randint(low, high + 1, (), generator=gen))
+            top = int(torch.randint(0, h - side + 1, (), generator=gen))
+            left = int(torch.randint(0, w - side + 1, (), generator=gen))
+            crop = raw[:, top : top + side, left : left + side].to(torch.float32) / 255.0
+            if bool(torch.rand((), generator=gen) < 0.5):
+                crop = crop.flip(-1)
+            crops.append(center_crop_resize(crop, image_size).clamp_(0.0, 1.0))
+            labels.append(len(loaded))
+        loaded.append(name)
+    if not loaded:
+        raise DataError(
+            "none of the bundled photos could be loaded: check that scikit-image is installed with its data"
+        )
+    return ImageDataset.from_tensors(
+        "photo-crops", torch.stack(crops), torch.tensor(labels, dtype=torch.long), class_names=tuple(loaded)
     )
 
 

@@ -1,6 +1,8 @@
 """Defenses on the private batch before the client trains: MixUp, InstaHide, pixelisation (survey Table 2,
 "Original Data"). The server's ground truth stays the private images: these defenses succeed when what an
-attack rebuilds no longer looks like them."""
+attack rebuilds no longer looks like them. All three act on pixels: they refuse token ids (a text model's
+integer (B, L) batch) with a one-line error (:meth:`check_inputs`), as mixing or averaging token ids is
+meaningless."""
 
 from __future__ import annotations
 
@@ -14,7 +16,27 @@ from gradinv.defenses.base import ClientBatch, DataDefense, check_setting, regis
 from gradinv.errors import ConfigError
 
 
-class _Mixing(DataDefense):
+def refuse_tokens(name: str, inputs: torch.Tensor) -> None:
+    """One-line :class:`ConfigError` when ``inputs`` are token ids (not floating point): the pixel defense
+    ``name`` cannot act on them."""
+    if not (inputs.is_floating_point() or inputs.is_complex()):
+        raise ConfigError(
+            f"{name} acts on image pixels, but the client's inputs are token ids (dtype {inputs.dtype}, shape "
+            f"{tuple(inputs.shape)}): drop {name} for a text model; the update defenses (noise, dpsgd, prune, sign) "
+            "apply to any model"
+        )
+
+
+class _PixelDefense(DataDefense):
+    """A data defense on image pixels: refuses token inputs."""
+
+    def check_inputs(self, inputs: torch.Tensor) -> None:
+        """Refuse, in one line, inputs this defense cannot act on (token ids); the scenario calls it when it is
+        built and :meth:`transform` calls it again."""
+        refuse_tokens(self.name, inputs)
+
+
+class _Mixing(_PixelDefense):
     """k-way mixing within the client's batch; subclasses choose the weights and what hides the mix."""
 
     def _coefficients(self, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -24,6 +46,7 @@ class _Mixing(DataDefense):
         return inputs
 
     def transform(self, batch: ClientBatch, *, generator: torch.Generator) -> ClientBatch:
+        self.check_inputs(batch.inputs)
         k, b = self.settings.k, batch.inputs.shape[0]
         if b < k:
             raise ConfigError(
@@ -108,7 +131,7 @@ class PixelateSettings:
 
 
 @register_defense
-class Pixelate(DataDefense):
+class Pixelate(_PixelDefense):
     """Pixelisation (Fan 2018, 2019): each block x block cell becomes its mean; with ``epsilon``, DP-Pix adds
     Laplace noise of scale m / (block^2 epsilon) to each cell. Acts on the images in [0, 1]."""
 
@@ -133,6 +156,7 @@ class Pixelate(DataDefense):
 
     def transform(self, batch: ClientBatch, *, generator: torch.Generator) -> ClientBatch:
         s = self.settings
+        self.check_inputs(batch.inputs)
         if batch.inputs.ndim != 4:
             raise ConfigError(f"pixelate needs images (B, C, H, W), got shape {tuple(batch.inputs.shape)}")
         self.check_input_shape(tuple(batch.inputs.shape))

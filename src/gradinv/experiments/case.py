@@ -4,6 +4,13 @@ A :class:`Case` is checked when it is built (every problem reported at once, wit
 simulated client by :func:`build_client`. Every command, benchmark and grid builds its clients here, so a flag
 means the same thing everywhere. Seeds are separate (:class:`Seeds`): the model, the client's batch, the
 defenses' randomness and the attack each have their own, and one ``--seed`` sets all four.
+
+Text: a case whose ``model`` is a text model (:data:`gradinv.models.TEXT_MODELS`: gpt2-tiny, bert-tiny...) is a
+text case. Its ``data`` is a text source (``"text"``, ``"synthetic"``, a ``.txt`` file or a folder of them,
+:func:`gradinv.data.load_text`), ``seq_len`` is the tokens per sequence and ``vocab_size`` the tokenizer's
+largest vocabulary; the model's vocabulary is the tokenizer's (a ``vocab_size`` model option may widen it, never
+narrow it). The client's batch is token ids, the scenario :meth:`~gradinv.fl.Scenario.from_tokens`, and the
+same cells, grids and ``gradinv attack`` run it; ``image_size`` is unused.
 """
 
 from __future__ import annotations
@@ -21,16 +28,19 @@ from torch import Tensor, nn
 
 from gradinv.data import BUILTIN_SOURCES, load_dataset, sample_batch
 from gradinv.data.dataset import ImageDataset, Normalization
+from gradinv.data.text import MAX_SEQ_LEN, MIN_SEQ_LEN, MIN_VOCAB_SIZE, TEXT_SOURCES, TextDataset, load_text
 from gradinv.defenses import Defense, as_defense
 from gradinv.errors import ConfigError, GradinvError, UpdateFileError
 from gradinv.fl import FedSGD, Scenario, observation_from_files
 from gradinv.fl.protocols import Protocol, protocol_from_dict
 from gradinv.io import load_state_into, update_metadata
-from gradinv.models import MODELS, build_model, train_model
+from gradinv.models import LANGUAGE_MODELS, MODELS, TEXT_MODELS, build_model, build_text_model, train_model
 from gradinv.types import GroundTruth, Knowledge, Observation, ThreatModel
 
 TRAIN_BATCH_SIZE = 8  # trained_steps: small batches keep a few hundred ResNet-18 steps near a minute on CPU
 PUBLIC_SAMPLES = 512  # a malicious server's public data: images of the same source outside the client's batch
+DEFAULT_SEQ_LEN = 16  # tokens per sequence of a text case
+DEFAULT_VOCAB_SIZE = 5000  # the tokenizer's largest vocabulary (the bundled text has about 3,100 distinct tokens)
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,8 @@ class Case:
     file; ``trained_steps`` first trains the model that many SGD steps on ``train_data`` (the state a server
     sends mid-training). ``update`` attacks a captured update file instead of simulating the client (the file's
     protocol, defenses and clients hold). ``server`` is ``"honest"`` or a malicious modification
-    (``"imprint:128"``, ``"trap"``).
+    (``"imprint:128"``, ``"trap"``). ``seq_len`` and ``vocab_size`` belong to text cases (module docstring;
+    None: 16 tokens and 5,000 words); an image case leaves them None.
     """
 
     model: str = "convnet"
@@ -83,6 +94,8 @@ class Case:
     train_data: str = "digits"
     data: str | None = "photos"
     image_size: int = 32
+    seq_len: int | None = None
+    vocab_size: int | None = None
     batch_size: int = 1
     protocol: Protocol = field(default_factory=FedSGD)
     clients: int = 1
@@ -102,6 +115,11 @@ class Case:
                 set_(self, name, str(value))
         if isinstance(self.seeds, int) and not isinstance(self.seeds, bool):
             set_(self, "seeds", Seeds.all(self.seeds))
+        if self.is_text:
+            if self.seq_len is None:
+                set_(self, "seq_len", DEFAULT_SEQ_LEN)
+            if self.vocab_size is None:
+                set_(self, "vocab_size", DEFAULT_VOCAB_SIZE)
         problems = self.problems()
         if problems:
             raise ConfigError("; ".join(problems))
@@ -110,10 +128,10 @@ class Case:
         """Every problem of this case, each with its fix (empty: the case is valid). Also normalises the
         defenses to :class:`Defense` objects (spec strings are parsed here, once)."""
         problems: list[str] = []
-        if self.model not in MODELS:
+        if self.model not in MODELS and self.model not in TEXT_MODELS:
+            names = sorted([*MODELS, *TEXT_MODELS])
             problems.append(
-                f"unknown model {self.model!r}{_suggest(self.model, sorted(MODELS))}: choose one of "
-                f"{', '.join(sorted(MODELS))}"
+                f"unknown model {self.model!r}{_suggest(self.model, names)}: choose one of {', '.join(names)}"
             )
         for name, lowest in (("image_size", 1), ("batch_size", 1), ("clients", 1), ("trained_steps", 0)):
             value = getattr(self, name)
@@ -137,20 +155,38 @@ class Case:
             for item in self.defenses:
                 try:
                     defense = as_defense(item)
-                    check = getattr(defense, "check_input_shape", None)
-                    if check is not None and isinstance(self.image_size, int) and self.image_size > 0:
-                        check((3, self.image_size, self.image_size))
+                    if self.is_text:
+                        _check_text_defense(defense, self.seq_len)
+                    else:
+                        check = getattr(defense, "check_input_shape", None)
+                        if check is not None and isinstance(self.image_size, int) and self.image_size > 0:
+                            check((3, self.image_size, self.image_size))
                     parsed.append(defense)
                 except GradinvError as exc:
                     problems.append(str(exc))
             object.__setattr__(self, "defenses", tuple(parsed))
-        if self.data is not None and not _known_data(self.data):
+        text_models = ", ".join(sorted(TEXT_MODELS))
+        if self.is_text:
+            problems += self._text_problems()
+        elif self.seq_len is not None or self.vocab_size is not None:
+            problems.append(
+                f"seq_len and vocab_size (--seq-len, --vocab-size) belong to text models ({text_models}), not to "
+                f"{self.model}: drop them"
+            )
+        if not self.is_text and self.data is not None and _is_text_only(self.data):
+            problems.append(
+                f"data {self.data!r} is text, but {self.model} takes images: use a text model ({text_models}) or "
+                f"image data ({', '.join(BUILTIN_SOURCES)}, a folder of images, an .npz file)"
+            )
+        elif not self.is_text and self.data is not None and not _known_data(self.data):
             problems.append(
                 f"unknown data {self.data!r}{_suggest(self.data, sorted(BUILTIN_SOURCES))}: use "
                 f"{', '.join(n for n in BUILTIN_SOURCES)}, a folder of images or an .npz file"
             )
-        if self.trained_steps and not _known_data(self.train_data):
-            problems.append(f"unknown training data {self.train_data!r}: use digits, photos, a folder or an .npz file")
+        if self.trained_steps and not self.is_text and not _known_data(self.train_data):
+            problems.append(
+                f"unknown training data {self.train_data!r}: use digits, photos, photo-crops, a folder or an .npz file"
+            )
         for name in ("weights", "update"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
@@ -166,6 +202,49 @@ class Case:
             _parse_server_spec(self.server)
         except GradinvError as exc:
             problems.append(str(exc))
+        return problems
+
+    @property
+    def is_text(self) -> bool:
+        """Whether this is a text case (its model takes token ids)."""
+        return self.model in TEXT_MODELS
+
+    @property
+    def is_language_model(self) -> bool:
+        """Whether the model is a causal language model (next-token loss, no class labels)."""
+        return self.model in LANGUAGE_MODELS
+
+    def _text_problems(self) -> list[str]:
+        """What a text case gets wrong: its sizes, its data, and the settings only image cases have."""
+        problems: list[str] = []
+        for name, lowest, highest in (("seq_len", MIN_SEQ_LEN, MAX_SEQ_LEN), ("vocab_size", MIN_VOCAB_SIZE, None)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                problems.append(f"{name} must be an integer >= {lowest}, got {value!r}")
+            elif highest is not None and value > highest:
+                problems.append(f"{name} must be at most {highest}, got {value}")
+        positions = _text_positions(self.model, dict(self.model_options))
+        if isinstance(positions, int) and isinstance(self.seq_len, int) and self.seq_len > positions:
+            problems.append(
+                f"--seq-len {self.seq_len} is longer than {self.model}'s {positions} positions: use --seq-len "
+                f"{positions} or less, or --model-option n_positions={self.seq_len}"
+            )
+        if self.data is not None and not _is_text_source(self.data):  # an existing path: load_text says what is wrong
+            shown = f"{', '.join(TEXT_SOURCES)}, a .txt file or a folder of .txt files"
+            if str(self.data).strip().lower() in BUILTIN_SOURCES:
+                problems.append(f"data {self.data!r} is images, but {self.model} is a text model: use {shown}")
+            else:
+                suggestion = _suggest(self.data, list(TEXT_SOURCES))
+                problems.append(f"unknown text data {self.data!r}{suggestion}: use {shown}")
+        if self.trained_steps:
+            problems.append(
+                f"training a text model first (--trained-steps) is not supported: drop it, or pass trained weights "
+                f"of {self.model} with --weights"
+            )
+        if isinstance(self.server, str) and self.server.strip().lower() not in ("honest", "none", ""):
+            problems.append(
+                f"malicious servers (--server {self.server}) modify image models: text cases take --server honest"
+            )
         return problems
 
     @property
@@ -187,7 +266,11 @@ class Case:
             "trained_steps": self.trained_steps,
             "train_data": self.train_data if self.trained_steps else None,
             "data": self.data,
-            "image_size": self.image_size,
+            **(
+                {"seq_len": self.seq_len, "vocab_size": self.vocab_size}
+                if self.is_text
+                else {"image_size": self.image_size}
+            ),
             "batch_size": self.batch_size,
             "protocol": self.protocol.to_dict(),
             "clients": self.clients,
@@ -222,12 +305,55 @@ class Case:
             self.data,
             self.image_size,
             self.seeds.model,
+            *((self.vocab_size,) if self.is_text else ()),  # the tokenizer's vocabulary is the model's
         )
+
+
+def _is_text_source(data: str) -> bool:
+    """A named text source or an existing path (a ``.txt`` file or a folder of them; :func:`load_text` names
+    what is wrong with any other)."""
+    return str(data).strip().lower() in TEXT_SOURCES or Path(data).expanduser().exists()
+
+
+def _is_text_only(data: str) -> bool:
+    """Data only a text model reads: the bundled ``"text"`` or a ``.txt`` file (``"synthetic"`` and folders
+    serve both kinds of models)."""
+    path = Path(data).expanduser()
+    if str(data).strip().lower() == "text" and not path.exists():
+        return True
+    return path.is_file() and path.suffix.lower() == ".txt"
+
+
+def _text_positions(model: str, options: Mapping[str, Any]) -> int | None:
+    """The positions text model ``model`` is built with: its ``n_positions`` option, else the builder's default."""
+    import inspect
+
+    if "n_positions" in options:
+        value = options["n_positions"]
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    default = inspect.signature(TEXT_MODELS[model]).parameters.get("n_positions")
+    return None if default is None or default.default is inspect.Parameter.empty else default.default
+
+
+def _check_text_defense(defense: Defense, seq_len: int | None) -> None:
+    """Refuse, in one line, a defense that cannot act on token ids: those on pixels say so themselves
+    (``check_inputs``); Soteria differentiates the representation with respect to the inputs, which token ids
+    do not allow."""
+    check = getattr(defense, "check_inputs", None)
+    if callable(check):
+        check(torch.zeros(1, seq_len if isinstance(seq_len, int) and seq_len > 0 else 1, dtype=torch.int64))
+    if defense.name == "soteria":  # until Soteria refuses token ids itself (check_inputs)
+        raise ConfigError(
+            "soteria scores features by their gradient with respect to the inputs, which token ids do not have: "
+            "use an update defense such as noise, dpsgd, prune or sign for a text model"
+        )
+    if defense.stage == "data" and not callable(check):
+        raise ConfigError(f"{defense.name} acts on the client's data and says nothing of token ids: use it on images")
 
 
 def _known_data(data: str) -> bool:
     name = str(data).strip().lower()
-    return name in ("digits", "photos") or name == "synthetic" or name.startswith("synthetic:") or Path(data).exists()
+    return name in BUILTIN_SOURCES or name == "synthetic" or name.startswith("synthetic:") or Path(data).exists()
 
 
 def _parse_server_spec(spec: str) -> None:
@@ -251,6 +377,7 @@ class ModelCache:
     def __init__(self) -> None:
         self._models: dict[tuple, nn.Module] = {}
         self._data: dict[tuple[str, int], ImageDataset] = {}
+        self._text: dict[tuple, TextDataset] = {}
         self.builds = 0
 
     def dataset(self, source: str, image_size: int) -> ImageDataset:
@@ -258,6 +385,15 @@ class ModelCache:
         if key not in self._data:
             self._data[key] = load_dataset(source, image_size=image_size, channels=3)
         return self._data[key]
+
+    def text_dataset(self, case: Case) -> TextDataset:
+        """The text case's sequences (its source cut to ``seq_len`` tokens, with the tokenizer), loaded once."""
+        key = (str(case.data), case.seq_len, case.vocab_size, case.num_classes)
+        if key not in self._text:
+            self._text[key] = load_text(
+                case.data, seq_len=case.seq_len, vocab_size=case.vocab_size, num_classes=case.num_classes
+            )
+        return self._text[key]
 
     def model(self, case: Case, *, num_classes: int) -> nn.Module:
         import copy
@@ -276,6 +412,8 @@ class ModelCache:
         self._models[case.model_key()] = model
 
     def _build(self, case: Case, *, num_classes: int) -> nn.Module:
+        if case.is_text:
+            return self._build_text(case, num_classes=num_classes)
         model = build_model(
             case.model,
             num_classes=num_classes,
@@ -303,6 +441,26 @@ class ModelCache:
             )
         return model
 
+    def _build_text(self, case: Case, *, num_classes: int) -> nn.Module:
+        """A text model whose vocabulary is the tokenizer's (a ``vocab_size`` option may only widen it)."""
+        options = dict(case.model_options)
+        tokenizer_vocab = self.text_dataset(case).vocab_size if case.data is not None else case.vocab_size
+        vocab = options.pop("vocab_size", tokenizer_vocab)
+        if isinstance(vocab, bool) or not isinstance(vocab, int):
+            raise ConfigError(f"model {case.model!r} option 'vocab_size' must be an integer, got {vocab!r}")
+        if vocab < tokenizer_vocab:
+            raise ConfigError(
+                f"--model-option vocab_size={vocab} is smaller than the tokenizer's vocabulary of {tokenizer_vocab} "
+                f"tokens (data {case.data!r}, --vocab-size {case.vocab_size}): token ids would fall outside the "
+                f"model; drop the option or pass --vocab-size {vocab}"
+            )
+        model = build_text_model(
+            case.model, vocab_size=vocab, num_classes=num_classes, seed=case.seeds.model, **options
+        )
+        if case.weights is not None:
+            load_state_into(model, case.weights)
+        return model
+
 
 @dataclass(frozen=True, eq=False)
 class Client:
@@ -311,7 +469,7 @@ class Client:
 
     case: Case
     model: nn.Module
-    dataset: ImageDataset | None
+    dataset: ImageDataset | TextDataset | None
     observation: Observation
     truth: GroundTruth | None
     scenario: Scenario | None = None
@@ -328,6 +486,8 @@ def num_classes(case: Case, cache: ModelCache) -> int:
     the model is trained first, its training data (10 without data)."""
     if case.num_classes is not None:
         return case.num_classes
+    if case.is_text:
+        return max(2, cache.text_dataset(case).num_classes) if case.data is not None else 2
     classes = cache.dataset(case.data, case.image_size).num_classes if case.data is not None else 10
     if case.trained_steps:
         classes = max(classes, cache.dataset(case.train_data, case.image_size).num_classes)
@@ -339,6 +499,8 @@ def build_client(case: Case, *, cache: ModelCache | None = None) -> Client:
     cache = cache or ModelCache()
     classes = num_classes(case, cache)
     model = cache.model(case, num_classes=classes)
+    if case.is_text:
+        return _text_client(case, cache, model, classes)
     dataset = cache.dataset(case.data, case.image_size) if case.data is not None else None
     images = labels = None
     if dataset is not None:
@@ -359,6 +521,43 @@ def build_client(case: Case, *, cache: ModelCache | None = None) -> Client:
         threat=ThreatModel(
             known_labels=case.known_labels, server=_server(case.server, dataset, images, case.image_size)
         ),
+        train_mode=case.train_mode,
+        defenses=case.defenses,
+        seed=case.seeds.defense,
+        clients=case.clients,
+    )
+    return Client(
+        case=case,
+        model=model,
+        dataset=dataset,
+        observation=scenario.observe(),
+        truth=scenario.ground_truth(),
+        scenario=scenario,
+    )
+
+
+def _text_client(case: Case, cache: ModelCache, model: nn.Module, classes: int) -> Client:
+    """A text case's client: a batch of token sequences, trained on with next-token loss (language models) or
+    cross-entropy against the sequences' classes (classifiers)."""
+    dataset = cache.text_dataset(case) if case.data is not None else None
+    tokens = labels = None
+    if dataset is not None:
+        tokens, labels = dataset.sample(case.batch_size, seed=case.seeds.data)
+        if case.is_language_model:
+            labels = None
+        elif int(labels.max()) >= classes:
+            raise ConfigError(
+                f"the data has labels up to {int(labels.max())} but the model has {classes} classes: "
+                "raise --num-classes"
+            )
+    if case.update is not None:
+        return _from_file(case, model, dataset, tokens, labels)
+    scenario = Scenario.from_tokens(
+        model,
+        tokens,
+        labels,
+        protocol=case.protocol,
+        threat=ThreatModel(known_labels=case.known_labels),
         train_mode=case.train_mode,
         defenses=case.defenses,
         seed=case.seeds.defense,
@@ -395,7 +594,11 @@ def capture_metadata(case: Case, client: Client) -> dict[str, Any]:
         "defenses": [spec_of(d) for d in client.observation.defenses],
         "clients": client.observation.clients,
         "batch_size": case.batch_size,
-        "image_size": case.image_size,
+        **(
+            {"seq_len": case.seq_len, "vocab_size": case.vocab_size}
+            if case.is_text
+            else {"image_size": case.image_size}
+        ),
         "seeds": dataclasses.asdict(case.seeds),
         "train_mode": case.train_mode,
         "weights_sha": weights_fingerprint(client.model),
@@ -403,17 +606,31 @@ def capture_metadata(case: Case, client: Client) -> dict[str, Any]:
 
 
 def _from_file(
-    case: Case, model: nn.Module, dataset: ImageDataset | None, images: Tensor | None, labels: Tensor | None
+    case: Case,
+    model: nn.Module,
+    dataset: ImageDataset | TextDataset | None,
+    images: Tensor | None,
+    labels: Tensor | None,
 ) -> Client:
+    """A captured update's client; in a text case ``images`` are token ids (``labels`` None for a language
+    model)."""
     meta = update_metadata(case.update)
-    norm = dataset.normalization if dataset is not None else Normalization.identity(3)
     truth = None
-    if images is not None:
-        truth = GroundTruth(inputs=norm.normalize(images), labels=labels, normalization=norm)
+    if case.is_text:
+        norm = None
+        if images is not None:
+            truth = GroundTruth(inputs=images, labels=labels, normalization=None)
+        input_shape: tuple[int, ...] = (case.seq_len,)
+    else:
+        norm = dataset.normalization if dataset is not None else Normalization.identity(3)
+        if images is not None:
+            truth = GroundTruth(inputs=norm.normalize(images), labels=labels, normalization=norm)
+        input_shape = (3, case.image_size, case.image_size)
+    known = case.known_labels and truth is not None and truth.labels is not None
     knowledge = Knowledge(
-        input_shape=(3, case.image_size, case.image_size),
+        input_shape=input_shape,
         num_samples=case.batch_size,
-        labels=truth.labels.clone() if case.known_labels and truth is not None else None,
+        labels=truth.labels.clone() if known else None,
         normalization=norm,
     )
     observation = observation_from_files(
@@ -445,7 +662,7 @@ def file_case(case: Case, *, explicit: Sequence[str] = ()) -> Case:
             recorded["protocol"] = protocol_from_dict(meta["protocol"])
         except (GradinvError, TypeError, KeyError) as exc:
             raise UpdateFileError(f"{case.update}: its 'protocol' metadata is not a protocol ({exc})") from None
-    for name in ("batch_size", "image_size", "train_mode"):
+    for name in ("batch_size", "image_size", "train_mode", "seq_len", "vocab_size"):
         if name in meta:
             recorded[name] = meta[name]
     if isinstance(meta.get("seeds"), dict):

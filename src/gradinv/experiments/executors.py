@@ -35,7 +35,7 @@ def save_picture(result: CellResult, path: Path) -> bool:
     from gradinv.viz import save_reconstruction_grid
 
     rec = result.reconstruction
-    if rec is None:
+    if rec is None or result.truth_tokens is not None:  # a text run has no picture
         return False
     truth, images = result.truth_images, result.scored_images if result.scored_images is not None else rec.images
     r = result.record

@@ -39,6 +39,8 @@ AXES = {
     "data": "data",
     "image_sizes": "image_size",
     "batch_sizes": "batch_size",
+    "seq_lens": "seq_len",
+    "vocab_sizes": "vocab_size",
     "protocols": "protocol",
     "clients": "clients",
     "defenses": "defenses",

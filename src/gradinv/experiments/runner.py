@@ -4,6 +4,11 @@ A :class:`Cell` is the unit every command, grid and benchmark runs: a :class:`~g
 an attack name and its settings. :func:`run_cell` builds the client, asks the attack whether it applies
 (its reasons are recorded as *declined*, not as errors), runs it, scores it against the private batch and
 returns a :class:`RunRecord`; ``metrics.json`` is that record's serialisation.
+
+Text cases (a text model, token ids) run the same way: only attacks that rebuild token ids apply
+(:func:`reconstructs_tokens`; the others are declined), and the reconstruction is scored with ROUGE-1/2/L, token
+accuracy and the exact-sequence rate after the optimal matching of sequences (:func:`gradinv.metrics.score_text`);
+:func:`reconstruction_markdown` shows each private sequence, decoded, above its reconstruction.
 """
 
 from __future__ import annotations
@@ -25,12 +30,21 @@ from gradinv.attacks.labels import check_methods, recover_labels
 from gradinv.defenses import dp_epsilon
 from gradinv.errors import ConfigError, GradinvError
 from gradinv.experiments.case import Case, Client, ModelCache, build_client, spec_of
-from gradinv.metrics import label_accuracy, label_existence_accuracy, score_images
+from gradinv.metrics import label_accuracy, label_existence_accuracy, match_sequences, score_images, score_text
 from gradinv.types import Reconstruction
 
 #: the prefix of a cell whose "attack" is a label-recovery method (``labels:ilrg``)
 LABELS = "labels:"
 RECOVERED_DB = 40.0  # a sample counts as recovered above this PSNR
+#: attacks that rebuild token ids, for text cases; an attack class may also say so itself with ``modality = "text"``
+TEXT_ATTACKS = frozenset({"dager", "tag", "lamp"})
+#: the record's text scores (:func:`gradinv.metrics.score_text`), written to ``metrics.json`` for text cases only
+TEXT_SCORES = ("rouge1", "rouge2", "rougeL", "token_accuracy", "exact")
+
+
+def reconstructs_tokens(attack: Any) -> bool:
+    """Whether ``attack`` (an attack or its class) rebuilds token ids, i.e. applies to text cases."""
+    return getattr(attack, "modality", None) == "text" or getattr(attack, "name", None) in TEXT_ATTACKS
 
 
 def _freeze(settings: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
@@ -117,6 +131,11 @@ class RunRecord:
     labels_true: list[int] | None = None
     labels_recovered: list[int] | None = None
     label_source: str | None = None
+    rouge1: float | None = None
+    rouge2: float | None = None
+    rougeL: float | None = None  # noqa: N815 - the metric's usual name
+    token_accuracy: float | None = None
+    exact: float | None = None
     dp_epsilon: float | None = None
     update_cosine: float | None = None
     final_cost: float | None = None
@@ -143,7 +162,8 @@ class RunRecord:
             "model_options": c["model_options"],
             "data": c["data"],
             "batch_size": c["batch_size"],
-            "image_size": c["image_size"],
+            "image_size": c.get("image_size"),  # None for a text case
+            **({"seq_len": c["seq_len"], "vocab_size": c["vocab_size"]} if self.case.is_text else {}),
             "iterations": self.attack_settings.get("iterations"),
             "restarts": self.attack_settings.get("restarts"),
             "seed": self.case.seeds.data,
@@ -162,6 +182,7 @@ class RunRecord:
             "attack_settings": self.attack_settings,
         }
         skip = ("key", "case", "attack", "attack_settings", "status", "reason", "observed_defenses", "observed_clients")
+        skip += () if self.case.is_text else TEXT_SCORES
         for f in dataclasses.fields(self):
             if f.name not in skip:
                 out[f.name] = getattr(self, f.name)
@@ -174,20 +195,30 @@ class RunRecord:
         if data.get("update") is not None:  # the defenses and clients are the captured file's, not the case's
             observed = {"observed_defenses": data.get("defenses"), "observed_clients": data.get("clients")}
             data = {**data, "defenses": [], "clients": 1}
-        case = Case.from_dict({f.name: data[f.name] for f in dataclasses.fields(Case) if f.name in data})
+        fields = {f.name: data[f.name] for f in dataclasses.fields(Case) if f.name in data}
+        if fields.get("image_size", 0) is None:  # a text case's record: the case has no image size
+            del fields["image_size"]
+        case = Case.from_dict(fields)
         names = {f.name for f in dataclasses.fields(cls)} - {"case"}
         return cls(case=case, **{k: v for k, v in data.items() if k in names}, **observed)
 
 
 @dataclass(frozen=True, eq=False)
 class CellResult:
-    """A record with what it was computed from: the reconstruction, and the truth it was scored against."""
+    """A record with what it was computed from: the reconstruction, and the truth it was scored against.
+
+    Text cases fill ``truth_tokens``, ``scored_tokens`` (one reconstructed sequence per true one, in the
+    truth's order) and ``texts`` (the pairs decoded: private text, reconstructed text) instead of the images.
+    """
 
     record: RunRecord
     reconstruction: Reconstruction | None = None
     truth_images: Tensor | None = None
     scored_images: Tensor | None = None  # one reconstruction per true image, in the truth's order
     client: Client | None = None
+    truth_tokens: Tensor | None = None
+    scored_tokens: Tensor | None = None
+    texts: tuple[tuple[str, str], ...] | None = None
 
 
 def run_cell(
@@ -249,7 +280,13 @@ def _epsilon(client: Client) -> float | None:
 
 def _run_attack(cell: Cell, client: Client, record: RunRecord, *, progress: bool, callback) -> CellResult:
     attacker = build_attack(cell.attack, **dict(cell.attack_settings))
-    reasons = attacker.applicable(client.observation)
+    if cell.case.is_text and not reconstructs_tokens(attacker):
+        reasons = [
+            f"{cell.attack} rebuilds images, but {cell.case.model} reads token ids: use a text attack "
+            f"({', '.join(sorted(TEXT_ATTACKS))})"
+        ]
+    else:
+        reasons = attacker.applicable(client.observation)
     settings = attacker.settings_dict()
     record.attack_settings = settings
     if reasons:
@@ -265,6 +302,8 @@ def _run_attack(cell: Cell, client: Client, record: RunRecord, *, progress: bool
     truth = client.truth
     if truth is None:
         return CellResult(record, reconstruction=rec, client=client)
+    if cell.case.is_text:
+        return _score_tokens(cell, client, record, rec)
     rec_images = rec.images
     if rec_images.shape[0] != truth.images.shape[0] and rec_images.shape[1:] == truth.images.shape[1:]:
         # an attack that recovers some samples only (malicious servers): each true image is paired with its
@@ -301,6 +340,70 @@ def _run_attack(cell: Cell, client: Client, record: RunRecord, *, progress: bool
     )
 
 
+def _score_tokens(cell: Cell, client: Client, record: RunRecord, rec: Reconstruction) -> CellResult:
+    """Score a text reconstruction: ROUGE and token accuracy after the optimal matching of sequences."""
+    truth = client.truth
+    tokens = rec.inputs.detach()
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ConfigError(
+            f"{cell.attack} returned {tokens.dtype} inputs, not token ids: a text case needs an attack that rebuilds "
+            "tokens"
+        )
+    truth_tokens = truth.inputs.detach().cpu()
+    tokens = tokens.cpu().long()
+    if tokens.ndim != 2 or tokens.shape[1] != truth_tokens.shape[1] or tokens.shape[0] < truth_tokens.shape[0]:
+        raise ConfigError(
+            f"the reconstruction has shape {tuple(tokens.shape)} but the truth {tuple(truth_tokens.shape)}: "
+            "check --batch-size and --seq-len match the captured update"
+        )
+    scores = score_text(tokens, truth_tokens)
+    for name in TEXT_SCORES:
+        setattr(record, name, scores[name])
+    scored = tokens[match_sequences(tokens, truth_tokens)]
+    if truth.labels is not None:
+        record.labels_true = truth.labels.tolist()
+        if not cell.case.known_labels and rec.labels is not None:
+            record.label_accuracy = label_accuracy(rec.labels, truth.labels)
+    texts = None
+    decode = getattr(client.dataset, "decode", None)
+    if callable(decode):
+        texts = tuple(zip(decode(truth_tokens), decode(scored), strict=True))
+    return CellResult(
+        record, reconstruction=rec, client=client, truth_tokens=truth_tokens, scored_tokens=scored, texts=texts
+    )
+
+
+def reconstruction_markdown(result: CellResult) -> str:
+    """``reconstruction.md`` of a text run: the scores, then each private sequence (decoded) above the
+    reconstruction matched to it, with the tokens it got right at their position."""
+    r = result.record
+    lines = [f"# {r.attack} on {r.case.model}", ""]
+    if r.status != "ok":
+        return "\n".join([*lines, f"{r.status}: {r.reason}", ""])
+    if r.rouge1 is not None:
+        lines += [
+            f"ROUGE-1 {r.rouge1:.3f} · ROUGE-2 {r.rouge2:.3f} · ROUGE-L {r.rougeL:.3f} · token accuracy "
+            f"{r.token_accuracy:.3f} · exact {r.exact:.3f} · {r.seconds:.1f} s",
+            "",
+        ]
+    if result.texts is None or result.truth_tokens is None or result.scored_tokens is None:
+        return "\n".join([*lines, "(no private text to compare with: the run attacked a captured update)", ""])
+    right = (result.truth_tokens == result.scored_tokens).sum(dim=1).tolist()
+    length = int(result.truth_tokens.shape[1])
+    for i, ((private, rebuilt), hits) in enumerate(zip(result.texts, right, strict=True), start=1):
+        fence = "````" if "```" in private + rebuilt else "```"
+        lines += [
+            f"## Sequence {i}: {hits}/{length} tokens right",
+            "",
+            f"{fence}text",
+            f"private:       {private}",
+            f"reconstructed: {rebuilt}",
+            fence,
+            "",
+        ]
+    return "\n".join(lines)
+
+
 AUXILIARY_SIZE = 32  # auxiliary samples given to llg-plus, disjoint from the client's batch
 
 
@@ -308,7 +411,11 @@ def _run_labels(cell: Cell, client: Client, record: RunRecord) -> CellResult:
     """A label method on the observation alone; scored by existence (set overlap) and count (multiset)."""
     method = cell.label_method
     options: dict[str, Any] = {}
-    if method == "llg-plus" and client.dataset is not None:
+    truth = client.truth
+    if truth is not None and truth.labels is None:
+        record.status, record.reason = "declined", f"{cell.case.model} is a language model: it has no class labels"
+        return CellResult(record, client=client)
+    if method == "llg-plus" and client.dataset is not None and not cell.case.is_text:
         from gradinv.data import sample_batch
 
         ds = client.dataset
@@ -317,7 +424,6 @@ def _run_labels(cell: Cell, client: Client, record: RunRecord) -> CellResult:
         # auxiliary samples are disjoint from it
         images, _ = sample_batch(ds, batch_size=cell.case.batch_size + extra, seed=cell.case.seeds.data)
         options["auxiliary"] = ds.normalization.normalize(images[cell.case.batch_size :])
-    truth = client.truth
     record.labels_true = sorted(truth.labels.tolist()) if truth is not None else None
     start = time.perf_counter()
     try:
@@ -343,4 +449,14 @@ def _is_decline(exc: GradinvError) -> bool:
     return isinstance(exc, AttackError | MissingKnowledgeError)
 
 
-__all__ = ["LABELS", "Cell", "CellResult", "RunRecord", "run_cell"]
+__all__ = [
+    "LABELS",
+    "TEXT_ATTACKS",
+    "TEXT_SCORES",
+    "Cell",
+    "CellResult",
+    "RunRecord",
+    "reconstruction_markdown",
+    "reconstructs_tokens",
+    "run_cell",
+]

@@ -40,11 +40,18 @@ def staged(out: str | Path) -> Iterator[Path]:
 
 
 def save_run(result: CellResult, out: str | Path) -> Path:
-    """``metrics.json`` (the run's record) and ``reconstruction.png`` (truth row above reconstruction row)."""
+    """``metrics.json`` (the run's record) and ``reconstruction.png`` (truth row above reconstruction row), or
+    for a text run ``reconstruction.md`` (each private sequence, decoded, above its reconstruction)."""
+    from gradinv._atomic import atomic_path
     from gradinv.experiments.executors import save_picture
+    from gradinv.experiments.runner import reconstruction_markdown
 
     with staged(out) as tmp:
-        if save_picture(result, tmp / "reconstruction.png"):
+        if result.texts is not None:
+            with atomic_path(tmp / "reconstruction.md") as md:
+                md.write_text(reconstruction_markdown(result) + "\n", encoding="utf-8")
+            result.record.image = None
+        elif save_picture(result, tmp / "reconstruction.png"):
             result.record.image = "reconstruction.png"
         write_json_atomic(result.record.to_dict(), tmp / "metrics.json")
     return Path(out)
@@ -56,6 +63,7 @@ def save_capture(out: str | Path, case: Case, client: Client, *, metadata: Mappi
     with staged(out) as tmp:
         save_model(client.model, tmp / "weights.safetensors")
         save_update(client.observation.update, tmp / "update.safetensors", metadata=metadata)
-        labels = client.truth.labels.tolist() if client.truth is not None else None
+        truth = client.truth
+        labels = truth.labels.tolist() if truth is not None and truth.labels is not None else None
         write_json_atomic({**case.to_dict(), "labels": labels, **metadata}, tmp / "capture.json")
     return Path(out)

@@ -28,7 +28,7 @@ class ClientBatch:
 
     inputs: Tensor
     targets: Tensor
-    normalization: Normalization
+    normalization: Normalization | None  # None for token inputs
     num_classes: int | None
 
     def soft_targets(self) -> Tensor:

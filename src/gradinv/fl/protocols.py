@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad
 
 from gradinv.errors import ConfigError
+from gradinv.fl.functional import is_bound
 from gradinv.protocol import FedAvg, FedSGD, Protocol, protocol_from_dict
 
 Params = dict[str, Tensor]
@@ -51,7 +52,12 @@ def loss_gradient(
     """
     if autograd:
         names = list(params)
-        loss = loss_fn(functional_call(model, (dict(params), buffers), (inputs,)), targets)
+        output = (
+            model(inputs)
+            if is_bound(model, params, buffers)
+            else functional_call(model, (dict(params), buffers), (inputs,))
+        )
+        loss = loss_fn(output, targets)
         grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=True)
         return dict(zip(names, grads, strict=True))
 

@@ -14,7 +14,7 @@ from gradinv.errors import ConfigError, DataError, ShapeError
 from gradinv.fl.client import STAGES, ClientBatch, ClientState
 from gradinv.fl.functional import batch_statistics, stateless_twin
 from gradinv.fl.protocols import FedSGD, LossFn, Protocol, aggregate, client_slices, client_update, cross_entropy
-from gradinv.models import classifier_layer
+from gradinv.models import classifier_layer, next_token_loss, text_model_spec
 from gradinv.types import (
     ClientDefense,
     GroundTruth,
@@ -34,6 +34,12 @@ class Scenario:
     ``inputs`` are normalised with ``normalization``; ``labels`` are class indices. :meth:`observe` gives what
     an honest-but-curious server sees, :meth:`ground_truth` the private batch for scoring.
 
+    Token inputs: an integer ``inputs`` (B, L) holds token ids (:meth:`from_tokens` builds such a scenario and
+    picks the loss). ``targets`` are what ``loss_fn`` compares the model's output with when they are not the
+    labels: a language model's are its own tokens (next-token loss), and its ``labels`` are None. The server
+    then knows ``input_shape=(L,)`` and ``num_samples=B``; the vocabulary is the sent model's; no normalisation
+    applies.
+
     ``defenses`` (a sequence of instances or spec strings such as ``("prune:0.9",)``, see
     :mod:`gradinv.defenses`) act in order: data defenses on the batch before training, model defenses on the
     client's computation, then update defenses on what is shared; ``seed`` fixes their randomness (noise,
@@ -48,7 +54,7 @@ class Scenario:
 
     model: nn.Module
     inputs: Tensor
-    labels: Tensor
+    labels: Tensor | None
     protocol: Protocol = field(default_factory=FedSGD)
     normalization: Normalization | None = None
     threat: ThreatModel = field(default_factory=ThreatModel)
@@ -57,6 +63,8 @@ class Scenario:
     defenses: Sequence[ClientDefense | str] = ()
     seed: int = 0
     clients: int = 1
+    #: what ``loss_fn`` compares the output with when not ``labels`` (a language model: its tokens), batch-first
+    targets: Tensor | None = None
 
     def __post_init__(self) -> None:
         defenses = as_defenses(self.defenses)
@@ -77,19 +85,37 @@ class Scenario:
                 f"got {[d.name for d in updates]}"
             )
         object.__setattr__(self, "defenses", defenses)
-        _check_tensor("inputs", self.inputs)
-        if not isinstance(self.labels, Tensor):
-            raise DataError(f"labels must be a torch.Tensor of class indices, got {type(self.labels).__name__}")
-        if self.labels.is_floating_point() or self.labels.is_complex() or self.labels.dtype == torch.bool:
-            raise DataError(f"labels must be integer class indices, got dtype {self.labels.dtype}: use labels.long()")
+        if _is_tokens(self.inputs):
+            _check_token_ids("inputs", self.inputs)
+            _check_token_ranges(self.model, self.inputs)
+            if self.normalization is not None:
+                raise ConfigError("token inputs are not normalised: leave normalization=None for token ids")
+        else:
+            _check_tensor("inputs", self.inputs)
         if self.inputs.ndim < 2:
             raise ShapeError(f"inputs must be a batch (B, ...), got shape {tuple(self.inputs.shape)}")
-        if self.labels.shape != (self.inputs.shape[0],):
-            raise ShapeError(
-                f"labels must have shape ({self.inputs.shape[0]},) to match the batch, got {tuple(self.labels.shape)}"
-            )
         if self.inputs.shape[0] < 1:
             raise ConfigError("the client's batch is empty: give at least one sample")
+        if self.labels is None:
+            if self.targets is None:
+                raise DataError(
+                    "labels are None and no targets are given: pass class labels, or the loss's targets (for a "
+                    "language model, Scenario.from_tokens uses the tokens themselves)"
+                )
+        else:
+            _check_labels(self.labels, self.inputs.shape[0])
+        if self.targets is not None:
+            if not isinstance(self.targets, Tensor):
+                raise DataError(f"targets must be a torch.Tensor, got {type(self.targets).__name__}")
+            if self.targets.ndim < 1 or self.targets.shape[0] != self.inputs.shape[0]:
+                raise ShapeError(
+                    f"targets must hold one entry per sample ({self.inputs.shape[0]}) along their first dimension, "
+                    f"got shape {tuple(self.targets.shape)}"
+                )
+        for d in defenses:  # a defense that cannot act on these inputs says so now, not mid-round
+            check = getattr(d, "check_inputs", None)
+            if callable(check):
+                check(self.inputs)
         client_slices(self.inputs.shape[0], self.clients)  # checks that the clients can share the batch
 
     @classmethod
@@ -111,8 +137,58 @@ class Scenario:
             )
         return cls(model, normalization.normalize(images), labels, normalization=normalization, **options)
 
+    @classmethod
+    def from_tokens(
+        cls,
+        model: nn.Module,
+        tokens: Tensor,
+        labels: Tensor | None = None,
+        **options,
+    ) -> Scenario:
+        """A scenario from token ids ``tokens`` (B, L), e.g. ``TextDataset.sample``.
+
+        The model's output decides the loss: next-token logits (B, L, V) make it a language model, trained with
+        :func:`~gradinv.models.next_token_loss` against the tokens themselves (``labels`` must be None); class
+        logits (B, C) make it a classifier, trained with cross-entropy against ``labels`` (B,). A ``loss_fn``
+        in ``options`` replaces that loss. The other ``options`` are the constructor's (``protocol``,
+        ``defenses``, ``threat``, ``seed``, ``clients``...). Data defenses on pixels (mixup, instahide, pixelate)
+        refuse token inputs; update defenses act unchanged.
+        """
+        _check_token_ids("tokens", tokens)
+        _check_token_ranges(model, tokens)
+        if _is_language_model(model, tokens):
+            if labels is not None:
+                raise ConfigError(
+                    "a language model's loss has no labels (its targets are the next tokens): pass labels=None"
+                )
+            if tokens.shape[1] < 2:
+                raise ShapeError(
+                    f"a language model's next-token loss needs sequences of at least 2 tokens, got length "
+                    f"{tokens.shape[1]}: use a longer --seq-len"
+                )
+            options.setdefault("loss_fn", next_token_loss)
+            return cls(model, tokens, None, targets=tokens, **options)
+        if labels is None:
+            raise ConfigError(
+                "this model classifies sequences (its output is (B, C)): pass labels, one class index per sequence"
+            )
+        return cls(model, tokens, labels, **options)
+
     @property
-    def norm(self) -> Normalization:
+    def is_tokens(self) -> bool:
+        """Whether the inputs are token ids (an integer (B, L) batch)."""
+        return _is_tokens(self.inputs)
+
+    @property
+    def loss_targets(self) -> Tensor:
+        """What the loss compares the output with: ``targets`` when given, else the labels."""
+        return self.labels if self.targets is None else self.targets
+
+    @property
+    def norm(self) -> Normalization | None:
+        """The inputs' normalisation (identity for images without one); None for token ids."""
+        if self.is_tokens:
+            return None
         return self.normalization or Normalization.identity(self.inputs.shape[1])
 
     def sent_model(self) -> nn.Module:
@@ -131,7 +207,7 @@ class Scenario:
         for part in client_slices(self.inputs.shape[0], self.clients):
             batch = ClientBatch(
                 inputs=self.inputs[part].detach(),
-                targets=self.labels[part],
+                targets=self.loss_targets[part],
                 normalization=self.norm,
                 num_classes=num_classes,
             )
@@ -143,7 +219,7 @@ class Scenario:
         knowledge = Knowledge(
             input_shape=tuple(self.inputs.shape[1:]) if t.known_input_shape else None,
             num_samples=int(self.inputs.shape[0]) if t.known_num_samples else None,
-            labels=self.labels.clone() if t.known_labels else None,
+            labels=self.labels.clone() if t.known_labels and self.labels is not None else None,
             normalization=self.norm if t.known_normalization else None,
             bn_statistics=self.bn_statistics(model) if t.known_bn_statistics else None,
         )
@@ -218,7 +294,8 @@ class Scenario:
 
     def ground_truth(self) -> GroundTruth:
         """The private batch, for evaluation only."""
-        return GroundTruth(inputs=self.inputs.detach().clone(), labels=self.labels.clone(), normalization=self.norm)
+        labels = None if self.labels is None else self.labels.clone()
+        return GroundTruth(inputs=self.inputs.detach().clone(), labels=labels, normalization=self.norm)
 
 
 def _check_tensor(what: str, x: object) -> None:
@@ -229,6 +306,89 @@ def _check_tensor(what: str, x: object) -> None:
         raise DataError(f"{what} must be floating point, got dtype {x.dtype}: convert 0-255 images by x.float() / 255")
     if not bool(torch.isfinite(x).all()):
         raise DataError(f"{what} hold NaN or infinite values: clean or drop those samples before the round")
+
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _is_tokens(x: object) -> bool:
+    """Whether ``x`` is a tensor of token ids (an integer dtype; bool is not one)."""
+    return isinstance(x, Tensor) and x.dtype in _INT_DTYPES
+
+
+def _check_token_ids(what: str, x: object) -> None:
+    """Refuse token ids that are not an integer (B, L) tensor of non-negative ids, saying how to fix them."""
+    if not isinstance(x, Tensor):
+        raise DataError(f"{what} must be a torch.Tensor of token ids, got {type(x).__name__}: use torch.tensor(ids)")
+    if x.dtype not in _INT_DTYPES:
+        raise DataError(f"{what} must be integer token ids, got dtype {x.dtype}: convert with .long()")
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise DataError(
+            f"integer {what} are token ids, a batch of sequences (B, L) with B, L >= 1, got shape {tuple(x.shape)}: "
+            "images must be floating point (convert 0-255 images by x.float() / 255)"
+        )
+    if int(x.min()) < 0:
+        raise DataError(f"{what} hold negative token ids (down to {int(x.min())}): ids index the vocabulary from 0")
+
+
+def _check_token_ranges(model: nn.Module, tokens: Tensor) -> None:
+    """Token ids inside the model's vocabulary and sequences no longer than its positions (models with a
+    :func:`~gradinv.models.text_model_spec`; another model's own forward pass checks)."""
+    try:
+        spec = text_model_spec(model)
+    except ConfigError:
+        return
+    top, length = int(tokens.max()), int(tokens.shape[1])
+    if top >= spec.vocab_size:
+        raise DataError(
+            f"token id {top} is outside the model's vocabulary of {spec.vocab_size} (ids 0..{spec.vocab_size - 1}): "
+            f"encode with the tokenizer the model was built for, or build it with vocab_size of at least {top + 1}"
+        )
+    if length > spec.max_positions:
+        raise ShapeError(
+            f"sequences of {length} tokens are longer than the model's {spec.max_positions} positions: shorten them "
+            f"(--seq-len {spec.max_positions}) or build the model with n_positions of at least {length}"
+        )
+
+
+def _is_language_model(model: nn.Module, tokens: Tensor) -> bool:
+    """Whether ``model`` gives next-token logits (1, L, V) on one sequence (else class logits (1, C)). One
+    forward pass in eval mode without gradients (no dropout: the global RNG is not touched)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(tokens[:1])
+    except (IndexError, RuntimeError) as exc:  # a model without a text spec, e.g. ids beyond its embedding
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"the model cannot read these token ids ({first}): check they were encoded for its vocabulary and fit "
+            "its positions"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, Tensor):
+        raise ConfigError(
+            f"the model's forward returned a {type(out).__name__}, not a tensor of logits: wrap the model in an "
+            "nn.Module whose forward returns only the logits"
+        )
+    if out.ndim == 3 and tuple(out.shape[:2]) == tuple(tokens[:1].shape):
+        return True
+    if out.ndim == 2 and out.shape[0] == 1:
+        return False
+    raise ShapeError(
+        f"a text model gives next-token logits (B, L, V) or class logits (B, C); this one gave {tuple(out.shape)} "
+        f"for one sequence of {tokens.shape[1]} tokens"
+    )
+
+
+def _check_labels(labels: object, batch: int) -> None:
+    if not isinstance(labels, Tensor):
+        raise DataError(f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise DataError(f"labels must be integer class indices, got dtype {labels.dtype}: use labels.long()")
+    if labels.shape != (batch,):
+        raise ShapeError(f"labels must have shape ({batch},) to match the batch, got {tuple(labels.shape)}")
 
 
 def _logits_checked(loss_fn: LossFn) -> LossFn:

@@ -24,9 +24,33 @@ from gradinv.models.lenet import LeNet
 from gradinv.models.mlp import MLP
 from gradinv.models.resnet import BasicBlock, ResNet, resnet18, resnet20, resnet32
 from gradinv.models.training import train_model
+from gradinv.models.transformer import (
+    LANGUAGE_MODELS,
+    TEXT_MODELS,
+    BertTiny,
+    GPT2Tiny,
+    TextModelSpec,
+    build_text_model,
+    list_text_models,
+    next_token_loss,
+    text_model_spec,
+)
+from gradinv.models.vit import ViT, ViTSpec, vit_spec
 
 __all__ = [
     "CNN6",
+    "LANGUAGE_MODELS",
+    "TEXT_MODELS",
+    "BertTiny",
+    "GPT2Tiny",
+    "TextModelSpec",
+    "ViT",
+    "ViTSpec",
+    "vit_spec",
+    "build_text_model",
+    "list_text_models",
+    "next_token_loss",
+    "text_model_spec",
     "MIN_MODEL_IMAGE_SIZE",
     "MLP",
     "MODELS",

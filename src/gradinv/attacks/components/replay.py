@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from gradinv.attacks.components.objectives import Objective
-from gradinv.fl.functional import stateless_twin
+from gradinv.fl.functional import bind_state, stateless_twin
 from gradinv.fl.protocols import aggregated_update, cross_entropy
 from gradinv.types import Observation
 
@@ -47,6 +47,8 @@ def matching_cost(
     if autograd:
         params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     buffers = {k: v.detach().clone() for k, v in observation.buffers.items()}
+    if autograd:
+        bind_state(twin, params, buffers)
     target = {k: v.detach() for k, v in observation.update.items()}
     protocol = observation.protocol
     distance = objective(target, weights=weights)
