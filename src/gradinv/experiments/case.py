@@ -505,11 +505,7 @@ def build_client(case: Case, *, cache: ModelCache | None = None) -> Client:
     images = labels = None
     if dataset is not None:
         images, labels = sample_batch(dataset, batch_size=case.batch_size, seed=case.seeds.data)
-        if int(labels.max()) >= classes:
-            raise ConfigError(
-                f"the data has labels up to {int(labels.max())} but the model has {classes} classes: "
-                "raise --num-classes"
-            )
+        _check_label_range(labels, classes)
     if case.update is not None:
         return _from_file(case, model, dataset, images, labels)
     scenario = Scenario.from_images(
@@ -536,6 +532,14 @@ def build_client(case: Case, *, cache: ModelCache | None = None) -> Client:
     )
 
 
+def _check_label_range(labels: Tensor, classes: int) -> None:
+    """Refuse a batch whose labels the model's classifier cannot output."""
+    if int(labels.max()) >= classes:
+        raise ConfigError(
+            f"the data has labels up to {int(labels.max())} but the model has {classes} classes: raise --num-classes"
+        )
+
+
 def _text_client(case: Case, cache: ModelCache, model: nn.Module, classes: int) -> Client:
     """A text case's client: a batch of token sequences, trained on with next-token loss (language models) or
     cross-entropy against the sequences' classes (classifiers)."""
@@ -545,11 +549,8 @@ def _text_client(case: Case, cache: ModelCache, model: nn.Module, classes: int) 
         tokens, labels = dataset.sample(case.batch_size, seed=case.seeds.data)
         if case.is_language_model:
             labels = None
-        elif int(labels.max()) >= classes:
-            raise ConfigError(
-                f"the data has labels up to {int(labels.max())} but the model has {classes} classes: "
-                "raise --num-classes"
-            )
+        else:
+            _check_label_range(labels, classes)
     if case.update is not None:
         return _from_file(case, model, dataset, tokens, labels)
     scenario = Scenario.from_tokens(
