@@ -30,7 +30,7 @@ test: lint
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# About 5 hours on 2 CPU cores (bench/README.md: each benchmark's time); results land in bench/results/. Each
+# About 6 hours on 2 CPU cores (bench/README.md: each benchmark's time); results land in bench/results/. Each
 # benchmark pins torch to BENCH_THREADS threads and records it; the grid benchmarks continue an interrupted run.
 BENCH_THREADS ?= 2
 PEERENV ?= ../.peerenv
@@ -58,6 +58,8 @@ bench: $(STAMP)
 	$(PY) bench/recursive.py --resume --threads $(BENCH_THREADS)
 	$(PY) bench/copa.py --resume --threads $(BENCH_THREADS)
 	$(PY) bench/defenses.py --resume --threads $(BENCH_THREADS)
+	$(PY) bench/dager.py --threads $(BENCH_THREADS)
+	$(PY) bench/text_attacks.py --threads 1
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

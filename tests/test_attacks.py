@@ -155,13 +155,18 @@ def _case_for(name: str, digits32, deficient_chain):
     return _scenario(digits32, model, threat=threat)
 
 
+#: settings that keep an attack's toy run short: GIAS trains a generator, LAMP a language model prior (tested with a
+#: small prior in tests/test_tag_lamp.py)
+_QUICK = {"gias": {"generator_steps": 5}, "lamp": {"lm_weight": 0.0, "init_candidates": 2, "candidates": 3}}
+
+
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_attack_leaves_model_unchanged_and_no_hooks(name, digits32, deficient_chain):
     obs = _case_for(name, digits32, deficient_chain).observe()
     before = {k: v.clone() for k, v in obs.model.state_dict().items()}
     fields = ATTACKS[name].Settings.__dataclass_fields__
     options = {"iterations": 3} if "iterations" in fields else {}
-    options.update({"generator_steps": 5} if name == "gias" else {})
+    options.update(_QUICK.get(name, {}))
     build_attack(name, **options).reconstruct(obs)
     for k, v in obs.model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -179,7 +184,7 @@ def test_contract_shapes_determinism_and_trace(name, digits32, deficient_chain):
     fields = ATTACKS[name].Settings.__dataclass_fields__
     iterative = "log_every" in fields
     options = {"iterations": 3, "log_every": 1} if iterative else {"iterations": 3} if "iterations" in fields else {}
-    options.update({"generator_steps": 5} if name == "gias" else {})
+    options.update(_QUICK.get(name, {}))
     attack = build_attack(name, **options)
     first, again = attack.reconstruct(obs, seed=3), attack.reconstruct(obs, seed=3)
     k = obs.knowledge

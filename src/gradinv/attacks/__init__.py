@@ -15,9 +15,11 @@ from gradinv.attacks import (  # noqa: F401  (registers)
     idlg,
     imprint,
     inverting_gradients,
+    lamp,
     ppdl_spn,
     rgap,
     sapag,
+    tag,
     token_leak,
 )
 from gradinv.attacks.base import ATTACKS, Attack, build_attack, register_attack
