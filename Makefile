@@ -60,6 +60,8 @@ bench: $(STAMP)
 	$(PY) bench/defenses.py --resume --threads $(BENCH_THREADS)
 	$(PY) bench/dager.py --threads $(BENCH_THREADS)
 	$(PY) bench/text_attacks.py --threads 1
+	$(PY) bench/he_costs.py --threads 1
+	$(PY) bench/opacus_compare.py --threads 1
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

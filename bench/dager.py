@@ -30,7 +30,9 @@ run that fails is recorded with its traceback and the benchmark goes on. Timings
 
 Writes OUT/dager.{json,md} (default OUT: bench/results). ``--quick``: batch 1 (and the leak at 1 and 8), the
 span diagnostics at B = 64 without the attack, one noise level and DP-SGD, one client batch; under a minute.
-Usage: python bench/dager.py [--threads 2] [--quick] [--timeout 900]
+``--reuse batches,break,leak``: take those sections' rows from the existing OUT/dager.json instead of running them
+again (the table header says which), e.g. to re-measure the defenses alone after a change that touches only them.
+Usage: python bench/dager.py [--threads 2] [--quick] [--timeout 900] [--reuse SECTIONS]
 """
 
 # ruff: noqa: E402  (OMP_WAIT_POLICY is set before torch is imported)
@@ -44,12 +46,14 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dataclasses
+import json
 import signal
 import statistics
 import time
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -419,7 +423,12 @@ def table_defenses(
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--timeout", type=float, default=TIMEOUT, help=f"seconds per DAGER run (default {TIMEOUT:g})")
+    p.add_argument("--reuse", default="", help="sections to take from OUT/dager.json: batches, break, leak")
     args = p.parse_args()
+    reuse = {name for name in args.reuse.split(",") if name}
+    if reuse - {"batches", "break", "leak"}:
+        p.error(f"--reuse takes batches, break, leak; got {args.reuse!r}")
+    earlier = json.loads((Path(args.out) / "dager.json").read_text()) if reuse else {}
     run = {**setup(args), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     quick = args.quick
     batches = {1: 1} if quick else BATCHES
@@ -434,8 +443,8 @@ def main() -> None:
 
     # 1. DAGER at batch 1, 8, 32
     t0 = time.perf_counter()
-    batch_rows = []
-    for batch, n in batches.items():
+    batch_rows = list(earlier.get("batches", [])) if "batches" in reuse else []
+    for batch, n in {} if "batches" in reuse else batches.items():
         for seed in range(n):
             row = dager_run(text_case(batch, seed), cache, timeout=args.timeout)
             batch_rows.append(row)
@@ -444,8 +453,8 @@ def main() -> None:
 
     # 2. towards the width
     t0 = time.perf_counter()
-    break_rows = []
-    for batch in break_batches:
+    break_rows = list(earlier.get("break", [])) if "break" in reuse else []
+    for batch in () if "break" in reuse else break_batches:
         case = text_case(batch, 0)
         diag = span_diagnostics(build_client(case, cache=cache), samples=WRONG_SAMPLES, seed=0)
         if quick:
@@ -464,8 +473,8 @@ def main() -> None:
 
     # 3. the token-set leak
     t0 = time.perf_counter()
-    leak_rows = []
-    for batch, n in leak_batches.items():
+    leak_rows = list(earlier.get("leak", [])) if "leak" in reuse else []
+    for batch, n in {} if "leak" in reuse else leak_batches.items():
         for seed in range(n):
             row = leak_run(text_case(batch, seed), cache)
             leak_rows.append(row)
@@ -502,6 +511,8 @@ def main() -> None:
                 print(f"[4] B {batch} {spec} seed {case.seed} last_token=span: {show(row)}", flush=True)
     seconds["defenses"] = time.perf_counter() - t0
     total = time.perf_counter() - start
+    for name in reuse:  # the reused sections' own seconds, from the run that measured them
+        seconds[name] = earlier["seconds"][name]
 
     crashed = [r for r in [*batch_rows, *(r["run"] for r in break_rows), *defense_rows] if r["status"] == "crashed"]
     tau = DagerSettings()
@@ -513,7 +524,13 @@ def main() -> None:
         f"{args.timeout:g} s. {run['threads']} thread(s) (OMP_WAIT_POLICY={run['omp_wait_policy']}), {total:.0f} s "
         f"in all (DAGER at batch 1/8/32 {seconds['batches']:.0f} s, towards the width {seconds['break']:.0f} s, "
         f"token-set leak {seconds['leak']:.0f} s, defenses {seconds['defenses']:.0f} s). The machine was shared "
-        "with other workers during the run: the seconds are indicative only.",
+        "with other workers during the run: the seconds are indicative only."
+        + (
+            f" The sections {', '.join(sorted(reuse))} are the rows of an earlier run (--reuse; their seconds are that "
+            "run's, not in the total)."
+            if reuse
+            else ""
+        ),
         "",
         "DAGER at batch 1, 8 and 32 (scores: mean over the client batches; seconds: the attack alone; candidates: "
         "layer-1 candidates per position, mean over positions 0..L-2, per client batch):",

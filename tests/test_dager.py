@@ -221,6 +221,37 @@ def test_the_paper_setting_without_the_head_recovers_all_but_the_last_token():
     assert rec.extras["relaxed_positions"] == [5] and rec.extras["last_token_source"] == "span"
 
 
+def test_a_head_fit_that_fails_falls_back_to_the_spans(monkeypatch):
+    """A noisy head gradient can leave the head step without a fit: the last position is then read from the spans
+    (as ``last_token="span"``) instead of declining, and the failure is recorded; ``last_token="head"`` still
+    raises."""
+    import gradinv.attacks.dager as dager
+
+    def no_fit(*_args, **_kwargs):
+        raise AttackError("the head's gradient does not fit the recovered prefixes (no positive multiplicities)")
+
+    monkeypatch.setattr(dager, "last_tokens_from_head", no_fit)
+    model = TinyLM(seed=0)
+    tokens = draw(2, 6, seed=7)
+    rec = Dager(spec=spec_of(model)).reconstruct(observe(model, tokens))
+    assert torch.equal(rows_sorted(rec.inputs)[:, :-1], rows_sorted(tokens)[:, :-1])
+    assert rec.extras["last_token_source"] == "span" and "no positive multiplicities" in rec.extras["head_failed"]
+    with pytest.raises(AttackError, match="no positive multiplicities"):
+        Dager(spec=spec_of(model), last_token="head").reconstruct(observe(model, tokens))
+
+
+def test_gap_cut_keeps_the_tokens_before_the_largest_gap():
+    from gradinv.attacks.dager import gap_cut
+
+    assert gap_cut(torch.tensor([1e-4, 2e-4, 3e-4, 0.5, 0.6]), 4) == 3  # three true tokens, then the rest
+    assert gap_cut(torch.tensor([1e-6, 1e-3, 2e-3, 0.5, 0.6]), 4) == 3  # differences, not ratios, pick the gap
+    assert gap_cut(torch.tensor([1e-4, 0.5, 0.6, 0.7]), 3) == 1  # sequences sharing their token here
+    assert gap_cut(torch.tensor([1e-4, 2e-4, 3e-4]), 8) == 3  # fewer tokens than the batch: all
+    assert gap_cut(torch.tensor([0.3, 0.9]), 1) == 1
+    assert gap_cut(torch.tensor([0.90, 0.91, 0.95, 0.96]), 3) is None  # no clear gap: no signal here
+    assert gap_cut(torch.tensor([0.5]), 0) == 0
+
+
 def test_deterministic_and_the_model_is_left_unchanged():
     model = TinyLM(seed=1)
     obs = observe(model, draw(3, 6, seed=3))

@@ -100,3 +100,9 @@ def test_pixelate_block_larger_than_the_image_is_refused():
     parse_defense("pixelate:32").check_input_shape((3, 32, 32))  # one cell: allowed
     with pytest.raises(ConfigError, match="block 100"):
         _dpsgd_scenario("pixelate:100").observe()  # 8x8 images
+
+
+def test_gaussian_epsilon_stays_finite_for_tiny_noise():
+    """eps above ~709 overflowed e^eps; the privacy curve is evaluated in log space."""
+    small, tiny = gaussian_epsilon(0.05, delta=1e-5), gaussian_epsilon(0.01, delta=1e-5)
+    assert 200 < small < tiny < float("inf")

@@ -137,6 +137,13 @@ def _add_case_options(p: argparse.ArgumentParser, *, model: str, data: str) -> N
         help="clients sharing the batch; the server sees only the mean of their updates (secure aggregation)",
     )
     p.add_argument(
+        "--aggregation",
+        choices=("mean", "ckks"),
+        default="mean",
+        help="how the clients' mean is formed: mean (in the clear) or ckks (TenSEAL CKKS encryption, only the sum "
+        "decrypted; pip install gradinv[he])",
+    )
+    p.add_argument(
         "--defense",
         dest="defenses",
         action="append",
@@ -339,6 +346,7 @@ def case_from_args(args: argparse.Namespace, *, needs_data: bool = True):
         batch_size=args.batch_size or 1,
         protocol=protocol,
         clients=args.clients,
+        aggregation=args.aggregation,
         defenses=tuple(args.defenses),
         train_mode=args.train_mode,
         known_labels=getattr(args, "known_labels", False),

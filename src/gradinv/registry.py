@@ -176,9 +176,17 @@ class Registry(Mapping[str, type]):
         if name is None or self._classes.get(name) is not cls:
             raise ConfigError(f"{obj!r} is not a registered {self.kind}: register its class to write its spec")
         source = obj.settings if hasattr(cls, "Settings") else obj
-        parts = [f"{key}={_format(getattr(source, key))}" for key in self.spec_fields(cls)]
+        omitted = {  # settings added later, left out at their default so that older specs (and keys) stay the same
+            f.name
+            for f in dataclasses.fields(getattr(cls, "Settings", cls))
+            if f.metadata.get(OMIT_DEFAULT) and getattr(source, f.name) == f.default
+        }
+        parts = [f"{key}={_format(getattr(source, key))}" for key in self.spec_fields(cls) if key not in omitted]
         return f"{name}:{','.join(parts)}" if parts else name
 
+
+#: dataclass field metadata key: :meth:`Registry.spec` leaves the setting out while it has its default
+OMIT_DEFAULT = "spec_omits_default"
 
 #: defenses (:mod:`gradinv.defenses`), for the client's spec strings such as ``"prune:0.9"``
 DEFENSES = Registry("defense", package="gradinv.defenses")

@@ -280,12 +280,41 @@ def first_layer_distances(
     return out
 
 
+def gap_cut(sorted_distances: Tensor, most: int, *, ratio: float = 2.0) -> int | None:
+    """How many of the closest candidates to keep when none passes the threshold (a noisy update): those before
+    the largest difference between consecutive distances among the ``most + 1`` closest (``sorted_distances``
+    ascending), 1 to ``most``; None when that gap is no clear separation (the first distance after it less than
+    ``ratio`` times the last before it: no signal, e.g. a position that receives no gradient).
+
+    Under noise the true inputs' relative span distances rise above the threshold but stay small, while a wrong
+    input's stays near ``sqrt(1 - rank / width)`` (a random direction): the largest difference separates them,
+    where a fixed count would add wrong candidates or drop true ones. Differences, not ratios, pick the gap: the
+    true distances spread over orders of magnitude among themselves but not in absolute size."""
+    k = min(int(most), int(sorted_distances.numel()))
+    if k < 1:
+        return 0
+    if sorted_distances.numel() <= k:
+        return k
+    d = sorted_distances[: k + 1].to(torch.float64)
+    cut = int(torch.argmax(d[1:] - d[:-1])) + 1
+    return cut if float(d[cut]) >= ratio * float(d[cut - 1]) else None
+
+
 def layer1_candidates(
-    distances: Tensor, *, threshold: float, max_candidates: int, fallback: int, tokens: Tensor | None = None
+    distances: Tensor,
+    *,
+    threshold: float,
+    max_candidates: int,
+    fallback: int,
+    tokens: Tensor | None = None,
+    gap_most: int = 0,
 ) -> PositionCandidates:
     """Tokens under ``threshold`` per position (rows of ``distances``; columns are ``tokens``, default the token
-    ids 0..V-1), closest first, at most ``max_candidates``; a position with none gets its ``fallback`` closest
-    tokens and is listed in ``empty``."""
+    ids 0..V-1), closest first, at most ``max_candidates``. A position with none is listed in ``empty`` and gets
+    its closest tokens up to a clear gap among the ``gap_most + 1`` closest (:func:`gap_cut`; a noisy update), else
+    its ``fallback`` closest (no signal). DAGER passes ``gap_most = B·L``: under noise a batch token seen at another
+    position lies as close to the span as the position's own (the position embedding moves it little), so the
+    layer-1 test keeps the batch's tokens and the second layer's test sorts them out."""
     found, dists, empty, truncated = [], [], [], []
     for p in range(distances.shape[0]):
         d = distances[p]
@@ -293,7 +322,8 @@ def layer1_candidates(
         n = int((d < threshold).sum())
         if n == 0:
             empty.append(p)
-            n = min(fallback, d.numel())
+            cut = gap_cut(d[order[: gap_most + 1]], gap_most) if gap_most > 0 else None
+            n = min(fallback, d.numel()) if cut is None else cut
         if n > max_candidates:
             truncated.append(p)
             n = max_candidates
@@ -587,7 +617,12 @@ class Dager(Attack):
         extras["tokens_scanned"] = int(spec.vocab_size) if scan is None else int(scan.numel())
         dist1 = first_layer_distances(spec, params, span1, range(length), tokens=scan, chunk=s.chunk)
         cands = layer1_candidates(
-            dist1, threshold=s.span_threshold, max_candidates=max_candidates, fallback=batch, tokens=scan
+            dist1,
+            threshold=s.span_threshold,
+            max_candidates=max_candidates,
+            fallback=batch,
+            tokens=scan,
+            gap_most=batch * length,
         )
         extras["candidates_per_position"] = [int(t.numel()) for t in cands.tokens]
         extras["truncated_positions"] = list(cands.truncated)
@@ -615,14 +650,24 @@ class Dager(Attack):
         else:
             prefixes, scores = self._encode(cands, length, layer2, span2, batch, extras)
 
+        found = None
         if use_head:
             module_name, key, tied = head
             extras["head_tied"] = tied
-            found, diag = last_tokens_from_head(
-                twin, params, buffers, module_name, observation.update[key], prefixes, batch,
-                exclude=torch.unique(prefixes) if tied else None,
-            )  # fmt: skip
-            extras.update(diag)
+            try:
+                found, diag = last_tokens_from_head(
+                    twin, params, buffers, module_name, observation.update[key], prefixes, batch,
+                    exclude=torch.unique(prefixes) if tied else None,
+                )  # fmt: skip
+                extras.update(diag)
+            except AttackError as err:  # a noisy head gradient: read the last position from the spans instead
+                if s.last_token == "head":
+                    raise
+                extras["last_token_source"] = "span"
+                extras["head_failed"] = str(err)
+                extras["relaxed_positions"] = list(cands.empty)
+                prefixes, scores = self._decode(cands, length, layer2, span2, batch, max_prefixes, extras)
+        if found is not None:
             rows = []
             for k, token, count in found:
                 full = torch.cat([prefixes[k], prefixes.new_tensor([token])])
@@ -648,8 +693,10 @@ class Dager(Attack):
     ) -> tuple[Tensor, Tensor]:
         """The greedy decoder search: extend every kept prefix by every candidate of the next position and keep
         the extensions whose second-layer input at that position lies in the second layer's span. A prefix none of
-        whose extensions passes keeps its closest one (every sequence has length L; the position is listed in
-        ``prefix_relaxed_positions`` and the output there is approximate)."""
+        whose extensions passes keeps its closest one; when no extension at all passes but a clear gap separates
+        the closest (:func:`gap_cut`, at most B: a position ends at most B true prefixes; a noisy update), the
+        extensions before the gap, so true branches survive and wrong prefixes die. Every sequence has length L;
+        such a position is listed in ``prefix_relaxed_positions`` and the output there is approximate."""
         s = self.settings
         prefixes = cands.tokens[0][:, None]
         scores = torch.zeros(prefixes.shape[0], dtype=torch.float64, device=prefixes.device)
@@ -668,9 +715,14 @@ class Dager(Attack):
                 d = span2.distance(z2)
             scores = torch.maximum(scores, d)
             keep = d < s.prefix_threshold
-            if p == 0 and not bool(keep.any()):  # no first token passes: the closest ones
+            order = torch.argsort(d, stable=True)
+            cut = None if bool(keep.any()) else gap_cut(d[order[: batch + 1]], batch)
+            if cut is not None:  # nothing passes, but a clear gap (a noisy update): the closest up to it
                 relaxed.append(p)
-                keep[torch.argsort(d, stable=True)[:batch]] = True
+                keep[order[:cut]] = True
+            elif p == 0 and not bool(keep.any()):  # no first token passes: the closest ones
+                relaxed.append(p)
+                keep[order[:batch]] = True
             elif p > 0:
                 grid, dist = keep.view(parents, width), d.view(parents, width)
                 stuck = ~grid.any(dim=1)
@@ -761,6 +813,7 @@ __all__ = [
     "Span",
     "attention_gradient",
     "first_layer_distances",
+    "gap_cut",
     "input_rank",
     "last_tokens_from_head",
     "layer1_candidates",

@@ -7,7 +7,7 @@ registers them all in :data:`DEFENSES`.
 import math
 from collections.abc import Sequence
 
-from gradinv.defenses import data, model, soteria, update  # noqa: F401  (registers)
+from gradinv.defenses import compression, data, model, soteria, update  # noqa: F401  (registers)
 from gradinv.defenses.base import (
     DEFENSES,
     ClientBatch,
@@ -19,8 +19,10 @@ from gradinv.defenses.base import (
     as_defense,
     build_defense,
     parse_defense,
+    payload_bytes,
     register_defense,
 )
+from gradinv.defenses.compression import round_bytes
 from gradinv.defenses.functional import gaussian_epsilon
 from gradinv.defenses.update import DPSGD, local_uses
 from gradinv.protocol import Protocol
@@ -55,5 +57,7 @@ __all__ = [
     "dp_epsilon",
     "gaussian_epsilon",
     "parse_defense",
+    "payload_bytes",
     "register_defense",
+    "round_bytes",
 ]

@@ -62,6 +62,15 @@ class ModelDefense(Defense):
     def transform(self, model: nn.Module, *, generator: torch.Generator) -> nn.Module: ...
 
 
+#: bytes of one entry of an uncompressed update: float32, as federated frameworks send parameters
+FLOAT32_BYTES = 4
+
+
+def payload_bytes(update: Mapping[str, Tensor]) -> int:
+    """Bytes of ``update`` sent uncompressed: every entry as a float32."""
+    return FLOAT32_BYTES * sum(int(v.numel()) for v in update.values())
+
+
 class UpdateDefense(Defense):
     """A defense on the update the client shares."""
 
@@ -71,6 +80,11 @@ class UpdateDefense(Defense):
     def transform(
         self, update: Mapping[str, Tensor], *, client: ClientState, generator: torch.Generator
     ) -> dict[str, Tensor]: ...
+
+    def bytes_sent(self, update: Mapping[str, Tensor]) -> int:
+        """Bytes the client sends for an update shaped like ``update`` after this defense: every entry as a
+        float32 (:func:`payload_bytes`) unless the defense encodes it in fewer (compression overrides this)."""
+        return payload_bytes(update)
 
 
 def check_setting(ok: bool, message: str) -> None:
@@ -98,6 +112,7 @@ def as_defense(item: Defense | str) -> Defense:
 
 __all__ = [
     "DEFENSES",
+    "FLOAT32_BYTES",
     "ClientBatch",
     "ClientState",
     "DataDefense",
@@ -109,5 +124,6 @@ __all__ = [
     "build_defense",
     "check_setting",
     "parse_defense",
+    "payload_bytes",
     "register_defense",
 ]

@@ -77,7 +77,8 @@ def gaussian_epsilon(noise_multiplier: float, *, delta: float, rounds: int = 1) 
     mu = math.sqrt(rounds) / noise_multiplier
 
     def excess(eps: float) -> float:
-        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2) - delta
+        # e^eps Phi(.) in log space: e^eps alone overflows for eps above ~709 (a very small noise multiplier)
+        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps + norm.logcdf(-eps / mu - mu / 2)) - delta
 
     if excess(0.0) <= 0:
         return 0.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,7 @@ from gradinv.defenses.base import ClientState, UpdateDefense, check_setting, reg
 from gradinv.errors import ConfigError
 from gradinv.fl.protocols import FedSGD, Protocol
 from gradinv.memory import check_allocation, format_bytes
+from gradinv.registry import OMIT_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -54,19 +55,29 @@ class Noise(UpdateDefense):
         return D.add_noise(clipped, std=s.std, generator=generator, distribution=s.distribution)
 
 
+#: who computes DP-SGD's steps: gradinv's own ``torch.func`` code or Opacus (:mod:`gradinv.integrations.opacus`)
+DPSGD_BACKENDS = ("gradinv", "opacus")
+
+
 @dataclass(frozen=True)
 class DPSGDSettings:
     """``clip``: per-sample gradient L2 bound C; ``noise_multiplier``: sigma (noise std sigma * C on the sum);
-    ``delta``: the delta at which ``epsilon()`` is reported."""
+    ``delta``: the delta at which ``epsilon()`` is reported; ``backend``: who computes each step, ``"gradinv"``
+    (``torch.func``) or ``"opacus"`` (Opacus' GradSampleModule and DPOptimizer, ``pip install gradinv[opacus]``)."""
 
     noise_multiplier: float = 1.0
     clip: float = 1.0
     delta: float = 1e-5
+    backend: str = field(default="gradinv", metadata={OMIT_DEFAULT: True})
 
     def __post_init__(self) -> None:
         check_setting(self.noise_multiplier >= 0, f"dpsgd noise_multiplier must be >= 0, got {self.noise_multiplier}")
         check_setting(self.clip > 0, f"dpsgd clip must be > 0, got {self.clip}")
         check_setting(0 < self.delta < 1, f"dpsgd delta must be in (0, 1), got {self.delta}")
+        check_setting(
+            self.backend in DPSGD_BACKENDS,
+            f"dpsgd backend must be one of {', '.join(DPSGD_BACKENDS)}, got {self.backend!r}",
+        )
 
 
 #: Bytes of per-sample gradients DP-SGD holds at once: a larger batch is processed in chunks of samples. A
@@ -112,7 +123,8 @@ class DPSGD(UpdateDefense):
     clipped to L2 norm C, the clipped gradients are summed, Gaussian noise of std sigma * C is added and the
     sum is divided by the batch size. Under FedSGD that step is the update; under FedAvg the client takes its
     K local steps this way (DP-FedAvg with local DP-SGD) and shares the weight delta. Each step is a Gaussian
-    mechanism; :meth:`epsilon` composes those a sample takes part in."""
+    mechanism; :meth:`epsilon` composes those a sample takes part in. ``backend="opacus"`` has Opacus compute
+    each step (:func:`gradinv.integrations.opacus.opacus_private_gradient`) on the same local batches."""
 
     name = "dpsgd"
     summary = "DP-SGD: per-sample clipping + Gaussian noise, with its (epsilon, delta) (Abadi et al. 2016)"
@@ -130,8 +142,14 @@ class DPSGD(UpdateDefense):
         self, client: ClientState, params: Mapping[str, Tensor], x: Tensor, y: Tensor, generator: torch.Generator
     ) -> dict[str, Tensor]:
         """One DP-SGD gradient of the batch ``(x, y)`` at ``params``: clipped per-sample gradients, summed,
-        noised and averaged."""
+        noised and averaged (by Opacus when ``backend="opacus"``)."""
         s = self.settings
+        if s.backend == "opacus":
+            from gradinv.integrations.opacus import opacus_private_gradient
+
+            return opacus_private_gradient(
+                client, params, x, y, noise_multiplier=s.noise_multiplier, clip=s.clip, generator=generator
+            )
 
         def sample_loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
             out = functional_call(client.model, (p, dict(client.buffers)), (xi.unsqueeze(0),))
@@ -219,6 +237,16 @@ class Prune(UpdateDefense):
     ) -> dict[str, Tensor]:
         return D.prune_smallest(update, self.settings.fraction)
 
+    def bytes_sent(self, update: Mapping[str, Tensor]) -> int:
+        """The kept entries as float32 values plus where they are: a bitmap of the tensor or an int32 index per
+        kept entry, whichever is smaller (the sparse encodings of Aji & Heafield 2017 and their successors)."""
+        total = 0
+        for v in update.values():
+            n = int(v.numel())
+            kept = n - max(0, int(round(self.settings.fraction * n)))  # as prune_smallest drops them
+            total += 4 * kept + min(math.ceil(n / 8), 4 * kept)
+        return total
+
 
 @dataclass(frozen=True)
 class SignSettings:
@@ -241,3 +269,7 @@ class Sign(UpdateDefense):
         self, update: Mapping[str, Tensor], *, client: ClientState, generator: torch.Generator
     ) -> dict[str, Tensor]:
         return D.scaled_sign(update, scaled=self.settings.scaled)
+
+    def bytes_sent(self, update: Mapping[str, Tensor]) -> int:
+        """One bit per entry, plus each tensor's float32 scale when ``scaled``."""
+        return sum(math.ceil(int(v.numel()) / 8) + (4 if self.settings.scaled else 0) for v in update.values())

@@ -99,6 +99,8 @@ class Case:
     batch_size: int = 1
     protocol: Protocol = field(default_factory=FedSGD)
     clients: int = 1
+    #: how the server gets the clients' mean: "mean" in the clear, or "ckks" (encrypted, only the sum decrypted)
+    aggregation: str = "mean"
     defenses: tuple[Defense, ...] = ()
     train_mode: bool = False
     known_labels: bool = False
@@ -196,6 +198,10 @@ class Case:
                 "a captured --update already holds its clients' defenses and aggregation: give --defense and "
                 "--clients to capture"
             )
+        if self.aggregation not in ("mean", "ckks"):
+            problems.append(f"aggregation must be 'mean' or 'ckks', got {self.aggregation!r}")
+        elif self.update is not None and self.aggregation != "mean":
+            problems.append("a captured --update is already aggregated: give --aggregation to capture")
         if self.update is None and self.data is None:
             problems.append("a simulated client needs --data (its private batch)")
         try:
@@ -274,6 +280,7 @@ class Case:
             "batch_size": self.batch_size,
             "protocol": self.protocol.to_dict(),
             "clients": self.clients,
+            **({"aggregation": self.aggregation} if self.aggregation != "mean" else {}),  # keeps older keys
             "defenses": [d.spec() for d in self.defenses],
             "train_mode": self.train_mode,
             "known_labels": self.known_labels,
@@ -521,6 +528,7 @@ def build_client(case: Case, *, cache: ModelCache | None = None) -> Client:
         defenses=case.defenses,
         seed=case.seeds.defense,
         clients=case.clients,
+        aggregation=case.aggregation,
     )
     return Client(
         case=case,
@@ -563,6 +571,7 @@ def _text_client(case: Case, cache: ModelCache, model: nn.Module, classes: int) 
         defenses=case.defenses,
         seed=case.seeds.defense,
         clients=case.clients,
+        aggregation=case.aggregation,
     )
     return Client(
         case=case,

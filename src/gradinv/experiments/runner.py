@@ -173,6 +173,7 @@ class RunRecord:
             "weights": c["weights"],
             "num_classes": c["num_classes"],
             "update": c["update"],
+            "aggregation": c.get("aggregation", "mean"),
             "protocol": c["protocol"],
             "known_labels": c["known_labels"],
             "train_mode": c["train_mode"],
