@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(PY) bench/text_attacks.py --threads 1
 	$(PY) bench/he_costs.py --threads 1
 	$(PY) bench/opacus_compare.py --threads 1
+	$(PY) bench/flower_audit.py --threads 1
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

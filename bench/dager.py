@@ -428,8 +428,8 @@ def main() -> None:
     reuse = {name for name in args.reuse.split(",") if name}
     if reuse - {"batches", "break", "leak"}:
         p.error(f"--reuse takes batches, break, leak; got {args.reuse!r}")
-    earlier = json.loads((Path(args.out) / "dager.json").read_text()) if reuse else {}
     run = {**setup(args), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    earlier = json.loads((Path(args.out) / "dager.json").read_text()) if reuse else {}
     quick = args.quick
     batches = {1: 1} if quick else BATCHES
     break_batches = (64,) if quick else BREAK_BATCHES
