@@ -13,12 +13,17 @@ B and L known. Each attack runs its defaults (TAG: 500 Adam steps; LAMP_cos: 400
 with the token-set leak where it applies. Scores after matching sequences (Hungarian): ROUGE-1/2 F1, token
 accuracy, exact sequences; label accuracy for the classifier (as multisets: the batch order is not recoverable);
 seconds per attack. ``lamp-no-prior`` is LAMP with alpha_lm = 0, an ablation of the language model prior.
-Writes OUT/text_attacks.{json,md} (default OUT: bench/results). Usage:
+``--defenses noise:1e-3 dpsgd ...`` runs every cell once more per client defense (through ``Scenario``, so the
+defense acts as everywhere in gradinv); ``--models``, ``--batches``, ``--attacks`` choose the rows.
+Writes OUT/NAME.{json,md} (default OUT: bench/results, NAME: text_attacks). Usage:
     python bench/text_attacks.py [--threads 2] [--samples 3] [--width 128] [--trained-steps 0 300] [--resume] [--quick]
+        [--models bert-tiny,gpt2-tiny] [--batches 1 4] [--attacks tag,lamp,lamp-no-prior] [--defenses none noise:1e-3]
+        [--name text_attacks]
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -31,11 +36,11 @@ from _common import fmt, parser, setup, write_results
 from gradinv.attacks.lamp import Lamp
 from gradinv.attacks.tag import Tag
 from gradinv.data.text import load_text
+from gradinv.fl.scenario import Scenario
 from gradinv.metrics.text import score_text
 from gradinv.models.language import bundled_language_model, is_held_out, language_model_record
 from gradinv.models.transformer import BertTiny, GPT2Tiny, next_token_loss
-from gradinv.protocol import FedSGD
-from gradinv.types import Knowledge, Observation, named_state
+from gradinv.types import Observation
 
 SEQ_LEN = 16
 VOCAB = 5000
@@ -73,15 +78,16 @@ def train(model: torch.nn.Module, data: Any, train_rows: torch.Tensor, steps: in
     return value
 
 
-def observe(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> Observation:
-    params, buffers = named_state(model)
-    named = list(model.named_parameters())
-    grads = torch.autograd.grad(loss_of(model, ids, labels), [p for _, p in named])
-    update = {n: g.detach() for (n, _), g in zip(named, grads, strict=True)}
-    knowledge = Knowledge(num_samples=ids.shape[0], input_shape=(ids.shape[1],))
-    return Observation(
-        model=model, parameters=params, buffers=buffers, update=update, knowledge=knowledge, protocol=FedSGD()
+def observe(
+    model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, *, defense: str | None = None, seed: int = 0
+) -> Observation:
+    """The server's view of one FedSGD round of the client, through :class:`~gradinv.Scenario` (so a defense acts
+    as it does everywhere: ``noise:STD``, ``dpsgd:...``); labels unknown to the server."""
+    is_lm = isinstance(model, GPT2Tiny)
+    scenario = Scenario.from_tokens(
+        model, ids, None if is_lm else labels, defenses=() if defense is None else (defense,), seed=seed
     )
+    return scenario.observe()
 
 
 def main() -> None:
@@ -90,9 +96,25 @@ def main() -> None:
     p.add_argument("--width", type=int, default=128, help="model width (default 128)")
     p.add_argument("--trained-steps", type=int, nargs="+", default=[0, 300], help="default: 0 300")
     p.add_argument("--resume", action="store_true", help="keep the finished runs of OUT/text_attacks.partial.jsonl")
+    p.add_argument("--models", default=",".join(MODELS), help=f"default: {','.join(MODELS)}")
+    p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="default: 1 4")
+    p.add_argument("--attacks", default=",".join(ATTACKS), help=f"default: {','.join(ATTACKS)}")
+    p.add_argument(
+        "--defenses",
+        nargs="+",
+        default=["none"],
+        help="client defenses, one run each (none, noise:STD, dpsgd:...); default: none",
+    )
+    p.add_argument("--name", default="text_attacks", help="results file name (default text_attacks)")
     args = p.parse_args()
     run = setup(args)
     samples, steps_list = args.samples, args.trained_steps
+    models = [m for m in args.models.split(",") if m]
+    attacks = [a for a in args.attacks.split(",") if a]
+    defenses = [None if d == "none" else d for d in args.defenses]
+    unknown = sorted((set(models) - set(MODELS)) | (set(attacks) - set(ATTACKS)))
+    if unknown:
+        p.error(f"unknown models or attacks: {', '.join(unknown)}")
     options: dict[str, dict[str, Any]] = {"tag": {}, "lamp": {}, "lamp-no-prior": {"lm_weight": 0.0}}
     if args.quick:
         samples, steps_list = 1, [0]
@@ -109,26 +131,29 @@ def main() -> None:
     prior_record = language_model_record(vocab)
     print(f"prior ready in {prior_seconds:.1f} s: {prior_record}", flush=True)
 
-    partial = args.out / "text_attacks.partial.jsonl"  # one line per finished run, so a killed run can resume
+    partial = args.out / f"{args.name}.partial.jsonl"  # one line per finished run, so a killed run can resume
     rows: list[dict[str, Any]] = []
     if args.resume and partial.is_file():
         rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
     elif partial.exists():
         partial.unlink()
-    done = {(r["model"], r["trained_steps"], r["batch"], r["sample"], r["attack"]) for r in rows}
-    for kind in MODELS:
+    done = {(r["model"], r["trained_steps"], r["batch"], r["sample"], r["attack"], r.get("defense")) for r in rows}
+    for kind in models:
         for steps in steps_list:
-            for batch in BATCHES:
+            for batch in args.batches:
                 for sample in range(samples):
-                    todo = [n for n in ATTACKS if (kind, steps, batch, sample, n) not in done]
+                    todo = [(n, d) for d in defenses for n in attacks if (kind, steps, batch, sample, n, d) not in done]
                     if not todo:
                         continue
                     model = build(kind, vocab, args.width, seed=sample)
                     train_loss = train(model, data, train_rows, steps, seed=sample) if steps else None
                     pick = held[torch.randperm(held.numel(), generator=torch.Generator().manual_seed(sample))[:batch]]
                     ids, labels = data.tokens[pick], data.labels[pick]
-                    obs = observe(model, ids, labels)
-                    for name in todo:
+                    seen: dict[str | None, Observation] = {}
+                    for name, defense in todo:
+                        if defense not in seen:
+                            seen[defense] = observe(model, ids, labels, defense=defense, seed=sample)
+                        obs = seen[defense]
                         attack = Tag(**options[name]) if name == "tag" else Lamp(prior=prior, **options[name])
                         t0 = time.perf_counter()
                         rec = attack.reconstruct(obs, seed=sample)
@@ -145,6 +170,7 @@ def main() -> None:
                             "train_loss": train_loss,
                             "batch": batch,
                             "attack": name,
+                            "defense": defense,
                             "sample": sample,
                             **scores,
                             "label_accuracy": label_acc,
@@ -158,7 +184,8 @@ def main() -> None:
                         with partial.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                         print(
-                            f"{kind} steps={steps} B={batch} {name} #{sample}: R1 {scores['rouge1']:.3f} "
+                            f"{kind} steps={steps} B={batch} {name} {defense or 'none'} #{sample}: "
+                            f"R1 {scores['rouge1']:.3f} "
                             f"R2 {scores['rouge2']:.3f} acc {scores['token_accuracy']:.3f} {seconds:.1f}s",
                             flush=True,
                         )
@@ -174,32 +201,30 @@ def main() -> None:
         f"{fmt((prior_record or {}).get('held_out_perplexity'), '.1f')} vs unigram "
         f"{fmt((prior_record or {}).get('unigram_perplexity'), '.1f')}.",
         "",
-        "| model | trained steps | batch | attack | ROUGE-1 | ROUGE-2 | token acc. | exact | label acc. | seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | trained steps | batch | defense | attack | ROUGE-1 | ROUGE-2 | token acc. | exact | label acc. | "
+        "seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     summary = []
-    for kind in MODELS:
-        for steps in steps_list:
-            for batch in BATCHES:
-                for name in ATTACKS:
-                    cell = [
-                        r
-                        for r in rows
-                        if (r["model"], r["trained_steps"], r["batch"], r["attack"]) == (kind, steps, batch, name)
-                    ]
-                    if not cell:
-                        continue
-                    means = {
-                        k: mean(cell, k)
-                        for k in ("rouge1", "rouge2", "token_accuracy", "exact", "label_accuracy", "seconds")
-                    }
-                    summary.append({"model": kind, "trained_steps": steps, "batch": batch, "attack": name, **means})
-                    lines.append(
-                        f"| {kind} | {steps} | {batch} | {name} | {fmt(means['rouge1'], '.3f')} | "
-                        f"{fmt(means['rouge2'], '.3f')} | {fmt(means['token_accuracy'], '.3f')} | "
-                        f"{fmt(means['exact'], '.2f')} | {fmt(means['label_accuracy'], '.2f')} | "
-                        f"{fmt(means['seconds'], '.1f')} |"
-                    )
+    for kind, steps, batch, defense, name in itertools.product(models, steps_list, args.batches, defenses, attacks):
+        cell = [
+            r
+            for r in rows
+            if (r["model"], r["trained_steps"], r["batch"], r["attack"], r.get("defense"))
+            == (kind, steps, batch, name, defense)
+        ]
+        if not cell:
+            continue
+        means = {k: mean(cell, k) for k in ("rouge1", "rouge2", "token_accuracy", "exact", "label_accuracy", "seconds")}
+        summary.append(
+            {"model": kind, "trained_steps": steps, "batch": batch, "defense": defense, "attack": name, **means}
+        )
+        lines.append(
+            f"| {kind} | {steps} | {batch} | {defense or 'none'} | {name} | {fmt(means['rouge1'], '.3f')} | "
+            f"{fmt(means['rouge2'], '.3f')} | {fmt(means['token_accuracy'], '.3f')} | "
+            f"{fmt(means['exact'], '.2f')} | {fmt(means['label_accuracy'], '.2f')} | "
+            f"{fmt(means['seconds'], '.1f')} |"
+        )
     payload = {
         "seq_len": SEQ_LEN,
         "vocab_size": vocab,
@@ -210,7 +235,7 @@ def main() -> None:
         "summary": summary,
         "runs": rows,
     }
-    write_results(args.out, "text_attacks", run, payload, "\n".join(lines))
+    write_results(args.out, args.name, run, payload, "\n".join(lines))
     partial.unlink(missing_ok=True)
 
 
