@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(PY) bench/he_costs.py --threads 1
 	$(PY) bench/opacus_compare.py --threads 1
 	$(PY) bench/flower_audit.py --threads 1
+	$(PY) bench/flower_secagg.py --threads 1
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

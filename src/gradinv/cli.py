@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     fd = sub.add_parser(
         "flower-demo", help="a simulated Flower federation with the audit on the server (pip install gradinv[flower])"
     )
-    fd.add_argument("--clients", type=_positive, default=2, help="simulated clients (default 2; 3+ with --secagg)")
+    fd.add_argument("--clients", type=_positive, default=2, help="simulated clients (default 2; 2+ with --secagg)")
     fd.add_argument("--rounds", type=_positive, default=2, help="federated rounds (default 2)")
     fd.add_argument("--model", default="lenet", help="model name (default lenet; see `gradinv list`)")
     fd.add_argument("--data", default="digits", help="bundled data the clients shard (default digits)")
@@ -317,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="an update defense run as a client mod, repeatable (noise:0.01, prune:0.9, sign)",
     )
     fd.add_argument("--secagg", action="store_true", help="Flower's SecAgg+: the audit sees only the aggregate")
+    fd.add_argument(
+        "--server",
+        default="honest",
+        help="honest, or a malicious server whose modified model is sent from round 1 (imprint:bins=64,gain=1e-5; "
+        "trap); audit it with --attacks rtf / trap-weights",
+    )
     fd.add_argument("--attacks", type=_names, default=["idlg"], help="audited attacks, comma-separated (default idlg)")
     fd.add_argument("--iterations", type=_positive, help="iterations of the audited attacks (default: the paper's)")
     fd.add_argument("--audit-rounds", type=_int_list, help="audit only these rounds, comma-separated (default all)")
@@ -793,6 +799,7 @@ def _cmd_flower_demo(args: argparse.Namespace) -> int:
         audit_rounds=args.audit_rounds,
         audit_clients=args.audit_clients,
         seed=args.seed,
+        server=args.server,
     )
     print(markdown(summary), end="")
     print(f"-> {args.out}/audit.json, report.md")

@@ -726,6 +726,7 @@ def run_flower_demo(
     model: str = "lenet",
     data: str = "digits",
     image_size: int = 16,
+    server: str = "honest",
     batch_size: int = 1,
     local_steps: int = 1,
     lr: float = 0.1,
@@ -746,14 +747,16 @@ def run_flower_demo(
     ``clients`` nodes train ``model`` on shards of bundled ``data`` for ``rounds`` rounds; each draws
     ``batch_size`` samples a round and runs FedSGD (``local_steps`` 1: one step of ``lr``) or FedAvg
     (``local_steps`` K > 1, full batch); ``defenses`` (update defenses) run as client mods; ``secagg`` runs
-    Flower's SecAgg+ (at least 3 clients), so the audit sees only the aggregate. The audit runs ``attacks``
+    Flower's SecAgg+ (at least 2 clients), so the audit sees only the aggregate. A malicious ``server``
+    (``"imprint:64"``, ``"trap"``) sends its modified model from round 1 (:class:`Federation`); audit it with
+    ``rtf`` or ``trap-weights``. The audit runs ``attacks``
     (settings by name in ``attack_settings``) after ``label_method``, on ``audit_rounds`` (None: all) and at most
     ``audit_clients`` clients a round. Writes ``out/audit/`` (the results store and reconstructions),
     ``out/truth/`` (the clients' side record), ``out/audit.json`` (per round and client: attack, PSNR against the
     truth joined afterwards, labels) and ``out/report.md``; returns the summary.
     """
-    if secagg and clients < 3:
-        raise ConfigError(f"SecAgg+ here shares keys among 3 clients: use --clients 3 or more (got {clients})")
+    if secagg and clients < 2:
+        raise ConfigError(f"SecAgg+ aggregates 2 clients or more: use --clients 2 or more (got {clients})")
     if rounds < 1 or local_steps < 1:
         raise ConfigError(f"--rounds and --local-steps must be >= 1, got {rounds} and {local_steps}")
     defenses = tuple(_update_only(d) for d in defenses)
@@ -762,7 +765,7 @@ def run_flower_demo(
     if unknown:
         raise ConfigError(f"attack settings given for {unknown}, which the audit does not run: add them to --attacks")
     built = [build_attack(a, **dict(settings.get(a, {}))) for a in attacks]
-    case = Case(model=model, data=data, image_size=image_size, seeds=Seeds.all(seed))
+    case = Case(model=model, data=data, image_size=image_size, server=server, seeds=Seeds.all(seed))
     federation = Federation(case, clients, batch_size)
     world = federation.build()
     protocol: Protocol = FedSGD() if local_steps == 1 else FedAvg(local_steps=local_steps, lr=lr)
@@ -806,6 +809,7 @@ def run_flower_demo(
             "model": model,
             "data": data,
             "image_size": image_size,
+            "server": server,
             "batch_size": batch_size,
             "protocol": protocol.to_dict() if local_steps > 1 else {"name": "fedsgd", "lr": lr},
             "defenses": [d.spec() for d in defenses],
@@ -947,7 +951,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
         f"# Flower federation audit: {c['clients']} clients, {c['rounds']} rounds, {c['model']} on {c['data']}",
         "",
         f"Protocol {json.dumps(c['protocol'])}, batch {c['batch_size']} per client and round, defenses: "
-        f"{', '.join(c['defenses']) or 'none'}, SecAgg+: {'on' if c['secagg'] else 'off'}.",
+        f"{', '.join(c['defenses']) or 'none'}, SecAgg+: {'on' if c['secagg'] else 'off'}, server: "
+        f"{c.get('server', 'honest')}.",
         f"Test accuracy {f(summary['accuracy_initial'], '.3f')} -> {f(summary['accuracy'], '.3f')}; wall time "
         f"{summary['wall_seconds']:.1f} s; bytes per client per round "
         f"{f(summary['bytes_per_client_per_round'], ',.0f')}.",
