@@ -30,8 +30,9 @@ run that fails is recorded with its traceback and the benchmark goes on. Timings
 
 Writes OUT/dager.{json,md} (default OUT: bench/results). ``--quick``: batch 1 (and the leak at 1 and 8), the
 span diagnostics at B = 64 without the attack, one noise level and DP-SGD, one client batch; under a minute.
-``--reuse batches,break,leak``: take those sections' rows from the existing OUT/dager.json instead of running them
-again (the table header says which), e.g. to re-measure the defenses alone after a change that touches only them.
+``--reuse batches,break,leak,defenses``: take those sections' rows from the existing OUT/dager.json instead of
+running them again (the table header says which), e.g. to re-measure one section after a change that touches only
+it.
 Usage: python bench/dager.py [--threads 2] [--quick] [--timeout 900] [--reuse SECTIONS]
 """
 
@@ -67,7 +68,7 @@ from gradinv.attacks.dager import (
     second_attention_names,
     span_basis,
 )
-from gradinv.attacks.token_leak import DEFAULT_THRESHOLD, token_set
+from gradinv.attacks.token_leak import DEFAULT_THRESHOLD, target_token_set, token_set
 from gradinv.experiments import Case, Cell, ModelCache, Seeds, build_client, run_cell
 from gradinv.experiments.case import Client
 from gradinv.fl.functional import stateless_twin
@@ -275,6 +276,11 @@ def leak_run(case: Case, cache: ModelCache) -> dict[str, Any]:
     every = set(tokens.unique().tolist())
     reached = set(tokens[:, :-1].unique().tolist())  # input positions 0..L-2: the ones that reach the loss
     hit = found & every
+    start = time.perf_counter()
+    targets = set(target_token_set(client.observation).tolist())
+    target_seconds = time.perf_counter() - start
+    true_targets = set(tokens[:, 1:].unique().tolist())  # positions 1..L-1: the next-token targets
+    union = found | targets
     return {
         "batch": case.batch_size,
         "seed": case.seed,
@@ -287,6 +293,12 @@ def leak_run(case: Case, cache: ModelCache) -> dict[str, Any]:
         "precision": len(hit) / len(found) if found else None,
         "missed_last_only": len(every - reached - found),
         "seconds": seconds,
+        "targets_found": len(targets),
+        "targets_recall": len(targets & true_targets) / len(true_targets),
+        "targets_precision": len(targets & true_targets) / len(targets) if targets else None,
+        "union_recall_all": len(union & every) / len(every),
+        "union_precision": len(union & every) / len(union) if union else None,
+        "targets_seconds": target_seconds,
     }
 
 
@@ -372,8 +384,9 @@ def table_break(rows: list[dict[str, Any]]) -> list[str]:
 def table_leak(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| batch | client batches | distinct tokens | of them at positions 0..L-2 | only at position L-1 | "
-        "found | recall (all tokens) | recall (positions 0..L-2) | precision | ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "found | recall (all tokens) | recall (positions 0..L-2) | precision | ms | head targets: recall / "
+        "precision | embedding + head: recall (all tokens) / precision | ms (head) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for batch in sorted({r["batch"] for r in rows}):
         mine = [r for r in rows if r["batch"] == batch]
@@ -381,7 +394,9 @@ def table_leak(rows: list[dict[str, Any]]) -> list[str]:
             f"| {batch} | {len(mine)} | {mean(mine, 'tokens'):.1f} | {mean(mine, 'tokens_reached'):.1f} | "
             f"{mean(mine, 'last_only'):.1f} | {mean(mine, 'found'):.1f} | {mean(mine, 'recall_all'):.3f} | "
             f"{mean(mine, 'recall_reached'):.3f} | {fmt(mean(mine, 'precision'), '.3f')} | "
-            f"{1000 * mean(mine, 'seconds'):.0f} |"
+            f"{1000 * mean(mine, 'seconds'):.0f} | {fmt(mean(mine, 'targets_recall'), '.3f')} / "
+            f"{fmt(mean(mine, 'targets_precision'), '.3f')} | {fmt(mean(mine, 'union_recall_all'), '.3f')} / "
+            f"{fmt(mean(mine, 'union_precision'), '.3f')} | {fmt(1000 * (mean(mine, 'targets_seconds') or 0), '.0f')} |"
         )
     return lines
 
@@ -423,11 +438,11 @@ def table_defenses(
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--timeout", type=float, default=TIMEOUT, help=f"seconds per DAGER run (default {TIMEOUT:g})")
-    p.add_argument("--reuse", default="", help="sections to take from OUT/dager.json: batches, break, leak")
+    p.add_argument("--reuse", default="", help="sections to take from OUT/dager.json: batches, break, leak, defenses")
     args = p.parse_args()
     reuse = {name for name in args.reuse.split(",") if name}
-    if reuse - {"batches", "break", "leak"}:
-        p.error(f"--reuse takes batches, break, leak; got {args.reuse!r}")
+    if reuse - {"batches", "break", "leak", "defenses"}:
+        p.error(f"--reuse takes batches, break, leak, defenses; got {args.reuse!r}")
     run = {**setup(args), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     earlier = json.loads((Path(args.out) / "dager.json").read_text()) if reuse else {}
     quick = args.quick
@@ -488,10 +503,15 @@ def main() -> None:
 
     # 4. noise and DP-SGD
     t0 = time.perf_counter()
-    rms = {b: statistics.mean(update_rms(text_case(b, s), cache) for s in range(n)) for b, n in defense_batches.items()}
-    defense_rows = []
-    defense_diagnostics: dict[str, dict[str, Any]] = {}
-    for batch, n in defense_batches.items():
+    if "defenses" in reuse:
+        rms = {int(b): v for b, v in earlier["update_rms"].items()}
+        defense_rows, defense_diagnostics = list(earlier["defenses"]), dict(earlier["defense_diagnostics"])
+    else:
+        rms = {
+            b: statistics.mean(update_rms(text_case(b, s), cache) for s in range(n)) for b, n in defense_batches.items()
+        }
+        defense_rows, defense_diagnostics = [], {}
+    for batch, n in {} if "defenses" in reuse else defense_batches.items():
         specs = [f"noise:{std:g}" for std in noise] + list(dpsgd)
         for spec in specs:
             client = build_client(text_case(batch, 0, (spec,)), cache=cache)
@@ -551,7 +571,9 @@ def main() -> None:
         f"{DEFAULT_THRESHOLD:g}) from the FedSGD update; counts are means over the client batches. Under the "
         "next-token loss the input at position L-1 reaches no scored output (its output is not scored, no earlier "
         "position attends to it), so a token that occurs only there leaves a zero embedding row: recall over all "
-        "tokens misses exactly those, recall over the tokens at positions 0..L-2 is the leak's own.",
+        "tokens misses exactly those, recall over the tokens at positions 0..L-2 is the leak's own. The output head's "
+        "gradient fills that blind spot: `token_leak.target_token_set` reads the next-token targets (positions "
+        "1..L-1) from the untied head's rows, and its union with the embedding's rows is the whole token set.",
         "",
         *table_leak(leak_rows),
         "",

@@ -9,10 +9,11 @@ its training time and held-out perplexity against a unigram baseline are recorde
 ``--width``, 2 layers, 2 heads) are either at initialisation or trained ``--trained-steps`` Adam steps (lr 1e-3,
 batch 32) on the training sentences (BertTiny on the 2 topic-group classes, GPT2Tiny as a language model). FedSGD,
 one client, labels unknown to the server (TAG optimises them, LAMP recovers them from the classifier's gradient),
-B and L known. Each attack runs its defaults (TAG: 500 Adam steps; LAMP_cos: 400 steps, discrete steps every 20)
-with the token-set leak where it applies. Scores after matching sequences (Hungarian): ROUGE-1/2 F1, token
-accuracy, exact sequences; label accuracy for the classifier (as multisets: the batch order is not recoverable);
-seconds per attack. ``lamp-no-prior`` is LAMP with alpha_lm = 0, an ablation of the language model prior.
+B and L known. Each attack runs its defaults (TAG: 500 Adam steps, decoding restricted to the token-set leak where
+it applies; LAMP_cos: 400 steps, discrete steps every 20, unrestricted as in its paper). Scores after matching
+sequences (Hungarian): ROUGE-1/2 F1, token accuracy, exact sequences; label accuracy for the classifier (as
+multisets: the batch order is not recoverable); seconds per attack. Ablations: ``lamp-restricted`` is LAMP with
+its search restricted to the leaked tokens (TAG's default), ``lamp-no-prior`` LAMP with alpha_lm = 0.
 ``--defenses noise:1e-3 dpsgd ...`` runs every cell once more per client defense (through ``Scenario``, so the
 defense acts as everywhere in gradinv); ``--models``, ``--batches``, ``--attacks`` choose the rows.
 Writes OUT/NAME.{json,md} (default OUT: bench/results, NAME: text_attacks). Usage:
@@ -47,7 +48,7 @@ VOCAB = 5000
 MODELS = ("bert-tiny", "gpt2-tiny")
 BATCHES = (1, 4)
 #: "lamp-no-prior": LAMP with alpha_lm = 0 (its discrete steps then see the gradient distance only), an ablation
-ATTACKS = ("tag", "lamp", "lamp-no-prior")
+ATTACKS = ("tag", "lamp", "lamp-restricted", "lamp-no-prior")
 
 
 def build(kind: str, vocab: int, width: int, seed: int) -> torch.nn.Module:
@@ -115,11 +116,21 @@ def main() -> None:
     unknown = sorted((set(models) - set(MODELS)) | (set(attacks) - set(ATTACKS)))
     if unknown:
         p.error(f"unknown models or attacks: {', '.join(unknown)}")
-    options: dict[str, dict[str, Any]] = {"tag": {}, "lamp": {}, "lamp-no-prior": {"lm_weight": 0.0}}
+    options: dict[str, dict[str, Any]] = {
+        "tag": {},
+        "lamp": {},
+        "lamp-restricted": {"restrict_to_leaked": True},
+        "lamp-no-prior": {"lm_weight": 0.0},
+    }
     if args.quick:
         samples, steps_list = 1, [0]
         small = {"iterations": 4, "candidates": 3, "init_candidates": 2}
-        options = {"tag": {"iterations": 4}, "lamp": small, "lamp-no-prior": {**small, "lm_weight": 0.0}}
+        options = {
+            "tag": {"iterations": 4},
+            "lamp": small,
+            "lamp-restricted": {**small, "restrict_to_leaked": True},
+            "lamp-no-prior": {**small, "lm_weight": 0.0},
+        }
 
     data = load_text("text", seq_len=SEQ_LEN, vocab_size=VOCAB)
     vocab = data.vocab_size

@@ -364,6 +364,22 @@ def test_token_set_recalls_every_scored_token_of_a_batch_of_four():
         assert set(tokens[:, p].tolist()) <= set(per_position[p].tolist())
 
 
+def test_the_heads_targets_fill_the_token_sets_blind_spot():
+    """The untied head's gradient gives the next-token targets (positions 1..L-1), so with the embedding's rows the
+    whole token set, the last position's tokens included; a tied head is refused."""
+    from gradinv.attacks.token_leak import target_token_set
+
+    model = TinyLM(seed=0)
+    tokens = draw(4, 6, seed=8)
+    obs = observe(model, tokens)
+    targets = set(target_token_set(obs, spec=spec_of(model)).tolist())
+    assert targets == set(tokens[:, 1:].flatten().tolist())
+    assert targets | set(token_set(obs, spec=spec_of(model)).tolist()) == set(tokens.flatten().tolist())
+    tied = TinyLM(seed=0, tie=True)
+    with pytest.raises(AttackError, match="tied"):
+        target_token_set(observe(tied, tokens), spec=spec_of(tied))
+
+
 def test_token_set_refuses_a_tied_embedding_and_the_span_test_still_works():
     model = TinyLM(tie=True, seed=0)
     assert embedding_is_tied(model, "wte.weight") and not embedding_is_tied(TinyLM(), "wte.weight")

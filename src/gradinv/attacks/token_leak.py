@@ -96,6 +96,45 @@ def token_set(observation: Observation, *, spec: Any = None, threshold: float = 
     return rows
 
 
+def target_token_set(observation: Observation, *, spec: Any = None, head: str | None = None) -> Tensor:
+    """The sorted token ids that are next-token *targets* somewhere in the batch, from the gradient of an untied
+    linear output head (no bias, as GPT-2's) under the mean next-token cross-entropy: the blind spot of
+    :func:`token_set` (a token only at the last position is an input nowhere the loss reaches, but it is the
+    target of position L-2). ``head``: the head's module name (default: found as DAGER finds it).
+
+    Row ``v`` of the head's gradient is ``(1/N) sum_i (p_iv - [t_i = v]) h_i`` over the N scored positions. A
+    token no position targets has only the first term, the softmax-weighted mean hidden state, which varies
+    little from token to token when the predictions spread over the vocabulary; a target row adds ``-h_i`` for each
+    position it ends. Each row minus the coordinate-wise median row, in norm, sorted: the targets are the rows
+    before the largest ratio between consecutive norms among the ``B·(L-1) + 1`` largest (at most that many
+    targets). A label-style rule in the spirit of iDLG's sign rule (Zhao et al. 2020), for heads without a bias; a
+    confident wrong prediction can pass as a target (a trained model), and a target predicted with certainty
+    leaves no trace.
+
+    Raises :class:`AttackError` when there is no untied head in the update, or B and L are unknown."""
+    from gradinv.attacks.dager import output_head
+
+    spec = resolve_spec(observation.model, spec)
+    found = output_head(observation, spec, head)
+    if found is None:
+        raise AttackError("no output layer (V, d) in the update: the targets cannot be read from a head")
+    _, key, tied = found
+    if tied:
+        raise AttackError("the output head is tied to the token embedding: its rows mix input and target gradients")
+    k = observation.knowledge
+    if k.num_samples is None or not k.input_shape:
+        raise AttackError("the targets' count bound needs B and L: give num_samples and input_shape")
+    most = int(k.num_samples) * max(1, int(k.input_shape[0]) - 1)
+    g = observation.update[key].detach().to(torch.float64)
+    norms = (g - g.median(dim=0).values).norm(dim=1)
+    order = torch.argsort(norms, descending=True, stable=True)
+    top = norms[order[: most + 1]].clamp_min(1e-300)
+    if top.numel() < 2:
+        return order[: top.numel()].sort().values
+    cut = int(torch.argmax(top[:-1] / top[1:])) + 1
+    return order[:cut].sort().values
+
+
 def position_set(observation: Observation, *, spec: Any = None, threshold: float = DEFAULT_THRESHOLD) -> Tensor:
     """The positions that carried gradient: the nonzero rows of a learned position embedding's update.
 
@@ -175,5 +214,6 @@ __all__ = [
     "position_set",
     "sequence_length",
     "span_token_sets",
+    "target_token_set",
     "token_set",
 ]
