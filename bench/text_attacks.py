@@ -9,17 +9,17 @@ its training time and held-out perplexity against a unigram baseline are recorde
 ``--width``, 2 layers, 2 heads) are either at initialisation or trained ``--trained-steps`` Adam steps (lr 1e-3,
 batch 32) on the training sentences (BertTiny on the 2 topic-group classes, GPT2Tiny as a language model). FedSGD,
 one client, labels unknown to the server (TAG optimises them, LAMP recovers them from the classifier's gradient),
-B and L known. Each attack runs its defaults (TAG: 500 Adam steps, decoding restricted to the token-set leak where
-it applies; LAMP_cos: 400 steps, discrete steps every 20, unrestricted as in its paper). Scores after matching
-sequences (Hungarian): ROUGE-1/2 F1, token accuracy, exact sequences; label accuracy for the classifier (as
-multisets: the batch order is not recoverable); seconds per attack. Ablations: ``lamp-restricted`` is LAMP with
-its search restricted to the leaked tokens (TAG's default), ``lamp-no-prior`` LAMP with alpha_lm = 0.
+B and L known. Each attack runs its defaults (TAG: 500 Adam steps; LAMP_cos: 400 steps, discrete steps every 20;
+both with decoding restricted to the token-set leak where it applies). Scores after matching sequences
+(Hungarian): ROUGE-1/2 F1, token accuracy, exact sequences; label accuracy for the classifier (as multisets: the
+batch order is not recoverable); seconds per attack. Ablations: ``lamp-unrestricted`` is LAMP without the
+restriction (its paper's default), ``lamp-no-prior`` that with alpha_lm = 0.
 ``--defenses noise:1e-3 dpsgd ...`` runs every cell once more per client defense (through ``Scenario``, so the
 defense acts as everywhere in gradinv); ``--models``, ``--batches``, ``--attacks`` choose the rows.
 Writes OUT/NAME.{json,md} (default OUT: bench/results, NAME: text_attacks). Usage:
     python bench/text_attacks.py [--threads 2] [--samples 3] [--width 128] [--trained-steps 0 300] [--resume] [--quick]
-        [--models bert-tiny,gpt2-tiny] [--batches 1 4] [--attacks tag,lamp,lamp-no-prior] [--defenses none noise:1e-3]
-        [--name text_attacks]
+        [--models bert-tiny,gpt2-tiny] [--batches 1 4] [--attacks tag,lamp,lamp-unrestricted,lamp-no-prior]
+        [--defenses none noise:1e-3] [--name text_attacks]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ VOCAB = 5000
 MODELS = ("bert-tiny", "gpt2-tiny")
 BATCHES = (1, 4)
 #: "lamp-no-prior": LAMP with alpha_lm = 0 (its discrete steps then see the gradient distance only), an ablation
-ATTACKS = ("tag", "lamp", "lamp-restricted", "lamp-no-prior")
+ATTACKS = ("tag", "lamp", "lamp-unrestricted", "lamp-no-prior")
 
 
 def build(kind: str, vocab: int, width: int, seed: int) -> torch.nn.Module:
@@ -119,8 +119,8 @@ def main() -> None:
     options: dict[str, dict[str, Any]] = {
         "tag": {},
         "lamp": {},
-        "lamp-restricted": {"restrict_to_leaked": True},
-        "lamp-no-prior": {"lm_weight": 0.0},
+        "lamp-unrestricted": {"restrict_to_leaked": False},
+        "lamp-no-prior": {"lm_weight": 0.0, "restrict_to_leaked": False},
     }
     if args.quick:
         samples, steps_list = 1, [0]
@@ -128,8 +128,8 @@ def main() -> None:
         options = {
             "tag": {"iterations": 4},
             "lamp": small,
-            "lamp-restricted": {**small, "restrict_to_leaked": True},
-            "lamp-no-prior": {**small, "lm_weight": 0.0},
+            "lamp-unrestricted": {**small, "restrict_to_leaked": False},
+            "lamp-no-prior": {**small, "lm_weight": 0.0, "restrict_to_leaked": False},
         }
 
     data = load_text("text", seq_len=SEQ_LEN, vocab_size=VOCAB)

@@ -28,12 +28,12 @@ must use that tokenizer), or any model given as ``prior=`` (token ids (B, L) -> 
 
 What this implementation adds to the paper (as in :mod:`.tag`): a language model client (next-token loss) gets
 jointly optimised soft next-token targets, and its last position (no embedding gradient) is read from its target
-and kept in place by the reorderings; ``restrict_to_leaked=True`` restricts decoding (and a language model's soft
-targets) to the token-set leak where it applies (LAMP's code's ``use_embedding`` option, off by default there and
-here: measured on held-out bundled sentences, restricting lowered LAMP's scores where it raised TAG's, e.g.
-gpt2-tiny batch 1 ROUGE-2 0.40 restricted vs 1.00 unrestricted at the same seed, without the prior, batch 4 ROUGE-1
-0.44 vs 0.50; bench/results/text_attacks.md); ``n_E`` is the mean norm of the leaked tokens' rows when the
-restriction applies (of all rows otherwise). Classifier labels: the threat model's, else recovered by ``label_method`` (the paper assumes them
+and kept in place by the reorderings; the token-set leak restricts decoding (and a language model's soft targets)
+where it applies (``restrict_to_leaked``; LAMP's code's ``use_embedding`` option, off there by default). Measured on
+held-out bundled sentences (bench/results/text_attacks.md), the restriction raised LAMP's ROUGE-1 in 6 of 8 cells
+(both models, untrained and trained, batch 1 and 4) and lowered it on the untrained models at batch 1 (gpt2-tiny:
+0.90 vs 1.00), so it stays on; ``n_E`` is the mean norm of the leaked tokens' rows when the restriction applies (of
+all rows otherwise). Classifier labels: the threat model's, else recovered by ``label_method`` (the paper assumes them
 known, recoverable from the classifier's gradient), or optimised jointly (``label_method="optimise"``).
 
 Threat model: honest-but-curious server, one client's FedSGD gradient of its mean loss, ``B`` and ``L`` known (no
@@ -102,7 +102,7 @@ class LampSettings:
     candidates: int = 50
     init_candidates: int = 50
     decode: str = "cosine"
-    restrict_to_leaked: bool = False
+    restrict_to_leaked: bool = True
     task: str = "auto"
     label_method: str = "auto"
     log_every: int = 50
