@@ -64,6 +64,8 @@ bench: $(STAMP)
 	$(PY) bench/opacus_compare.py --threads 1
 	$(PY) bench/flower_audit.py --threads 1
 	$(PY) bench/flower_secagg.py --threads 1
+	$(PY) bench/tv_sweep.py --models resnet18 --tvs 1e-4,1e-3,1e-2,5e-2 --name tv_sweep_resnet18 --threads $(BENCH_THREADS)
+	$(PY) bench/tv_sweep.py --models convnet --tvs 1e-4,1e-2 --name tv_sweep_convnet --threads $(BENCH_THREADS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -6,8 +6,10 @@ a stronger smoothness prior. This benchmark measures it on photos that no peer c
 (``--photos``, default astronaut, rocket, retina; the peer comparison scores chelsea and coffee), untrained models
 (model seed 0), batch 1, 32 px, FedSGD, labels recovered from the update, ``--iterations`` of invgrad at each TV
 weight, everything else at invgrad's defaults. :data:`gradinv.attacks.inverting_gradients.TV_BY_ARCHITECTURE` is
-what it chose. Writes OUT/tv_sweep.{json,md}. Usage:
+what it chose (published: ``--models resnet18 --tvs 1e-4,1e-3,1e-2,5e-2 --name tv_sweep_resnet18`` and
+``--models convnet --tvs 1e-4,1e-2 --name tv_sweep_convnet``). Writes OUT/NAME.{json,md}. Usage:
     python bench/tv_sweep.py [--threads 2] [--iterations 300] [--models resnet18,convnet] [--tvs 1e-4,1e-2,...]
+        [--name tv_sweep]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> None:
     p.add_argument("--models", default="resnet18,convnet", help="registered models (default resnet18,convnet)")
     p.add_argument("--photos", default="astronaut,rocket,retina", help="held-out photos")
     p.add_argument("--tvs", default="1e-4,1e-3,1e-2,5e-2,0.2", help="TV weights (default 1e-4,1e-3,1e-2,5e-2,0.2)")
+    p.add_argument("--name", default="tv_sweep", help="results file name (default tv_sweep)")
     args = p.parse_args()
     run = setup(args)
     iterations = 3 if args.quick else args.iterations
@@ -69,7 +72,7 @@ def main() -> None:
         best[name] = max(means, key=means.get)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {best[name]:g} |")
     lines += ["", "Each cell: the mean over the photos, then each photo in the order above."]
-    write_results(args.out, "tv_sweep", run, {"iterations": iterations, "rows": rows, "best": best}, "\n".join(lines))
+    write_results(args.out, args.name, run, {"iterations": iterations, "rows": rows, "best": best}, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -328,3 +328,19 @@ def test_the_base_class_keeps_the_books(digits32):
     assert rec.attack == "analytic" and rec.seconds > 0 and rec.normalization is obs.knowledge.normalization
     assert rec.settings["layer"] == "layers.0" and rec.settings["label_source"] == "idlg"
     assert "layer_inputs" in rec.extras
+
+
+def test_invgrad_tv_follows_the_architecture_unless_set(digits32):
+    from gradinv.attacks.inverting_gradients import PAPER_TV, TV_BY_ARCHITECTURE, default_tv
+    from gradinv.models import ResNet
+
+    resnet = build_model("resnet18", num_classes=10, seed=0)
+    assert (
+        default_tv(resnet) == TV_BY_ARCHITECTURE[ResNet]
+        and default_tv(build_model("lenet", num_classes=10)) == PAPER_TV
+    )
+    obs = _scenario(digits32, build_model("convnet", num_classes=10, seed=0, width=8)).observe()
+    assert build_attack("invgrad", iterations=2).reconstruct(obs).settings["tv"] == PAPER_TV
+    assert build_attack("invgrad", iterations=2, tv=0.3).reconstruct(obs).settings["tv"] == 0.3
+    with pytest.raises(ConfigError):
+        build_attack("invgrad", tv=-1.0)

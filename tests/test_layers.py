@@ -25,7 +25,7 @@ RANKS = {
     "attacks": 4,
     **dict.fromkeys(["analysis", "viz"], 5),
     **dict.fromkeys(["experiments", "experiment", "audit", "defense_bench", "label_bench", "demo"], 6),
-    "cli": 7,
+    **dict.fromkeys(["cli", "integrations"], 7),
 }
 EXEMPT = {"__init__", "__main__"}  # gradinv/__init__.py (re-exports) and ``python -m gradinv``
 

@@ -185,6 +185,13 @@ class Registry(Mapping[str, type]):
         return f"{name}:{','.join(parts)}" if parts else name
 
 
+def integration(name: str) -> Any:
+    """The module ``gradinv.integrations.NAME`` (an optional extra's adapter: ``he``, ``opacus``), imported by name
+    when a lower layer is asked for it (a scenario with ``aggregation="ckks"``, ``dpsgd`` with
+    ``backend="opacus"``). The integrations sit above every other layer, so lower ones reach them only this way."""
+    return importlib.import_module(f"gradinv.integrations.{name}")
+
+
 #: dataclass field metadata key: :meth:`Registry.spec` leaves the setting out while it has its default
 OMIT_DEFAULT = "spec_omits_default"
 

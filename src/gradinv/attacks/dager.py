@@ -622,7 +622,7 @@ class Dager(Attack):
             max_candidates=max_candidates,
             fallback=batch,
             tokens=scan,
-            gap_most=batch * length,
+            gap_most=batch * length if spec.causal else batch,  # the encoder's exhaustive search: at most B
         )
         extras["candidates_per_position"] = [int(t.numel()) for t in cands.tokens]
         extras["truncated_positions"] = list(cands.truncated)

@@ -16,7 +16,7 @@ from gradinv.defenses.base import ClientState, UpdateDefense, check_setting, reg
 from gradinv.errors import ConfigError
 from gradinv.fl.protocols import FedSGD, Protocol
 from gradinv.memory import check_allocation, format_bytes
-from gradinv.registry import OMIT_DEFAULT
+from gradinv.registry import OMIT_DEFAULT, integration
 
 
 @dataclass(frozen=True)
@@ -145,9 +145,7 @@ class DPSGD(UpdateDefense):
         noised and averaged (by Opacus when ``backend="opacus"``)."""
         s = self.settings
         if s.backend == "opacus":
-            from gradinv.integrations.opacus import opacus_private_gradient
-
-            return opacus_private_gradient(
+            return integration("opacus").opacus_private_gradient(
                 client, params, x, y, noise_multiplier=s.noise_multiplier, clip=s.clip, generator=generator
             )
 

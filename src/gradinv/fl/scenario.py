@@ -15,6 +15,7 @@ from gradinv.fl.client import STAGES, ClientBatch, ClientState
 from gradinv.fl.functional import batch_statistics, stateless_twin
 from gradinv.fl.protocols import FedSGD, LossFn, Protocol, aggregate, client_slices, client_update, cross_entropy
 from gradinv.models import classifier_layer, next_token_loss, text_model_spec
+from gradinv.registry import integration
 from gradinv.types import (
     ClientDefense,
     GroundTruth,
@@ -124,9 +125,7 @@ class Scenario:
         if self.aggregation not in ("mean", "ckks"):
             raise ConfigError(f"aggregation must be 'mean' or 'ckks', got {self.aggregation!r}")
         if self.aggregation == "ckks":
-            from gradinv.integrations.he import require_tenseal  # an optional extra: loaded only when asked for
-
-            require_tenseal()
+            integration("he").require_tenseal()  # an optional extra: loaded only when asked for
 
     @classmethod
     def from_images(
@@ -224,9 +223,7 @@ class Scenario:
             updates.append(self._client_round(twin, params, buffers, batch, generator))
             sizes.append(part.stop - part.start)
         if self.aggregation == "ckks":
-            from gradinv.integrations.he import CKKSAggregator
-
-            update = CKKSAggregator().aggregate(updates, sizes).update
+            update = integration("he").CKKSAggregator().aggregate(updates, sizes).update
         else:
             update = aggregate(updates, sizes)
         sent = copy.deepcopy(model)
