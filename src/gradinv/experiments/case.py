@@ -520,16 +520,28 @@ def build_client(case: Case, *, cache: ModelCache | None = None) -> Client:
         images,
         labels,
         normalization=dataset.normalization,
-        protocol=case.protocol,
         threat=ThreatModel(
             known_labels=case.known_labels, server=_server(case.server, dataset, images, case.image_size)
         ),
-        train_mode=case.train_mode,
-        defenses=case.defenses,
-        seed=case.seeds.defense,
-        clients=case.clients,
-        aggregation=case.aggregation,
+        **_client_options(case),
     )
+    return _simulated(case, model, dataset, scenario)
+
+
+def _client_options(case: Case) -> dict[str, Any]:
+    """The scenario settings an image and a text client share: protocol, mode, defenses, seed, clients, aggregation."""
+    return {
+        "protocol": case.protocol,
+        "train_mode": case.train_mode,
+        "defenses": case.defenses,
+        "seed": case.seeds.defense,
+        "clients": case.clients,
+        "aggregation": case.aggregation,
+    }
+
+
+def _simulated(case: Case, model: nn.Module, dataset: Any, scenario: Scenario) -> Client:
+    """The client of a simulated ``scenario``: what its server observes and the truth to score against."""
     return Client(
         case=case,
         model=model,
@@ -565,22 +577,10 @@ def _text_client(case: Case, cache: ModelCache, model: nn.Module, classes: int) 
         model,
         tokens,
         labels,
-        protocol=case.protocol,
         threat=ThreatModel(known_labels=case.known_labels),
-        train_mode=case.train_mode,
-        defenses=case.defenses,
-        seed=case.seeds.defense,
-        clients=case.clients,
-        aggregation=case.aggregation,
+        **_client_options(case),
     )
-    return Client(
-        case=case,
-        model=model,
-        dataset=dataset,
-        observation=scenario.observe(),
-        truth=scenario.ground_truth(),
-        scenario=scenario,
-    )
+    return _simulated(case, model, dataset, scenario)
 
 
 def spec_of(defense: Defense | str) -> str:
