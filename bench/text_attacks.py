@@ -13,12 +13,13 @@ B and L known. Each attack runs its defaults (TAG: 500 Adam steps; LAMP_cos: 400
 both with decoding restricted to the token-set leak where it applies). Scores after matching sequences
 (Hungarian): ROUGE-1/2 F1, token accuracy, exact sequences; label accuracy for the classifier (as multisets: the
 batch order is not recoverable); seconds per attack. Ablations: ``lamp-unrestricted`` is LAMP without the
-restriction (its paper's default), ``lamp-no-prior`` that with alpha_lm = 0.
+restriction (its paper's default), ``lamp-no-prior`` that with alpha_lm = 0; ``tag-nearest`` and ``lamp-nearest``
+decode each position to its nearest leaked token without the constraint that every leaked token is used.
 ``--defenses noise:1e-3 dpsgd ...`` runs every cell once more per client defense (through ``Scenario``, so the
 defense acts as everywhere in gradinv); ``--models``, ``--batches``, ``--attacks`` choose the rows.
 Writes OUT/NAME.{json,md} (default OUT: bench/results, NAME: text_attacks). Usage:
     python bench/text_attacks.py [--threads 2] [--samples 3] [--width 128] [--trained-steps 0 300] [--resume] [--quick]
-        [--models bert-tiny,gpt2-tiny] [--batches 1 4] [--attacks tag,lamp,lamp-unrestricted,lamp-no-prior]
+        [--models bert-tiny,gpt2-tiny] [--batches 1 4] [--attacks tag,lamp,...]
         [--defenses none noise:1e-3] [--name text_attacks]
 """
 
@@ -47,8 +48,9 @@ SEQ_LEN = 16
 VOCAB = 5000
 MODELS = ("bert-tiny", "gpt2-tiny")
 BATCHES = (1, 4)
-#: "lamp-no-prior": LAMP with alpha_lm = 0 (its discrete steps then see the gradient distance only), an ablation
-ATTACKS = ("tag", "lamp", "lamp-unrestricted", "lamp-no-prior")
+#: ablations: "lamp-no-prior" is LAMP with alpha_lm = 0 (its discrete steps then see the gradient distance only);
+#: "-nearest" decodes each position to its nearest leaked token, without using every leaked token at least once
+ATTACKS = ("tag", "lamp", "lamp-unrestricted", "lamp-no-prior", "tag-nearest", "lamp-nearest")
 
 
 def build(kind: str, vocab: int, width: int, seed: int) -> torch.nn.Module:
@@ -121,6 +123,8 @@ def main() -> None:
         "lamp": {},
         "lamp-unrestricted": {"restrict_to_leaked": False},
         "lamp-no-prior": {"lm_weight": 0.0, "restrict_to_leaked": False},
+        "tag-nearest": {"cover_leaked": False},
+        "lamp-nearest": {"cover_leaked": False},
     }
     if args.quick:
         samples, steps_list = 1, [0]
@@ -130,6 +134,8 @@ def main() -> None:
             "lamp": small,
             "lamp-unrestricted": {**small, "restrict_to_leaked": False},
             "lamp-no-prior": {**small, "lm_weight": 0.0, "restrict_to_leaked": False},
+            "tag-nearest": {"iterations": 4, "cover_leaked": False},
+            "lamp-nearest": {**small, "cover_leaked": False},
         }
 
     data = load_text("text", seq_len=SEQ_LEN, vocab_size=VOCAB)
@@ -165,7 +171,8 @@ def main() -> None:
                         if defense not in seen:
                             seen[defense] = observe(model, ids, labels, defense=defense, seed=sample)
                         obs = seen[defense]
-                        attack = Tag(**options[name]) if name == "tag" else Lamp(prior=prior, **options[name])
+                        tag = name.startswith("tag")
+                        attack = Tag(**options[name]) if tag else Lamp(prior=prior, **options[name])
                         t0 = time.perf_counter()
                         rec = attack.reconstruct(obs, seed=sample)
                         seconds = time.perf_counter() - t0

@@ -10,13 +10,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradinv.attacks.lamp import TRANSFORMS, Lamp, discrete_step, permuted, prior_loss, prior_losses, reorder
+from gradinv.attacks.lamp import (
+    TRANSFORMS,
+    Lamp,
+    discrete_step,
+    permuted,
+    prior_loss,
+    prior_losses,
+    reorder,
+)
 from gradinv.attacks.tag import (
     Tag,
     TextReplay,
     TextSetup,
     TextState,
     cosine_distance,
+    covering_tokens,
     nearest_tokens,
     soft_next_token_loss,
     tag_distance,
@@ -129,6 +138,56 @@ def test_nearest_tokens_by_cosine_and_within_the_allowed_set():
     allowed[[1, 7]] = True
     assert set(nearest_tokens(x, emb, allowed=allowed).tolist()) <= {1, 7}
     assert nearest_tokens(emb[[4]], emb, metric="euclidean").tolist() == [4]
+
+
+def test_covering_tokens_uses_every_allowed_token_with_the_best_total_closeness():
+    import itertools
+
+    emb = torch.randn(12, 6, generator=torch.Generator().manual_seed(1))
+    allowed = torch.zeros(12, dtype=torch.bool)
+    allowed[[2, 5, 9]] = True
+    # five positions all nearest to token 2: nearest decoding collapses, covering uses 2, 5 and 9
+    x = emb[[2, 2, 2, 2, 2]] + 0.3 * torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    assert set(nearest_tokens(x, emb, allowed=allowed).tolist()) == {2}
+    ids = covering_tokens(x, emb, allowed=allowed)
+    assert set(ids.tolist()) == {2, 5, 9}
+    # the optimum by brute force over every decoding that covers the allowed tokens
+    sim = F.normalize(x, dim=-1) @ F.normalize(emb, dim=-1).T
+    best = max(
+        (c for c in itertools.product([2, 5, 9], repeat=5) if set(c) == {2, 5, 9}),
+        key=lambda c: sum(float(sim[i, t]) for i, t in enumerate(c)),
+    )
+    assert ids.tolist() == list(best)
+    # batched shape kept; more allowed tokens than positions: each position's nearest allowed token
+    assert covering_tokens(x.reshape(1, 5, 6), emb, allowed=allowed).shape == (1, 5)
+    wide = torch.ones(12, dtype=torch.bool)
+    assert torch.equal(covering_tokens(x[:3], emb, allowed=wide), nearest_tokens(x[:3], emb, allowed=wide))
+
+
+def test_covering_decoding_spans_the_batch_and_reads_the_last_position_from_the_head():
+    model = gpt(3)
+    ids = tokens(2, 6, seed=3)
+    obs = observe(model, ids, None)
+    spec, task = text_model_spec(model), text_task(model)
+    leaked = set(ids[:, :-1].flatten().tolist())  # the last position leaves no embedding gradient
+    for cover in (False, True):
+        setup = TextSetup.build(obs, spec=spec, task=task, restrict=True, cover=cover)
+        assert setup.extras()["covered"] is cover and set(setup.allowed.nonzero().flatten().tolist()) == leaked
+        # the untied head shows the targets: the last position's soft target is restricted to them, and a last
+        # token that is no input anywhere in the batch (90; 150 is also row 1's first) only a last position holds
+        only_last = set(ids[:, -1].tolist()) - leaked
+        assert only_last == {90}
+        assert setup.extras()["last_restricted"] and set(setup.only_last.tolist()) == only_last
+        assert set(setup.mask[-1].nonzero().flatten().tolist()) == set(ids[:, 1:].flatten().tolist())
+        state = setup.initial_state(scale=0.02, generator=torch.Generator().manual_seed(0))
+        out = setup.decode(state, metric="cosine")
+        assert out.shape == ids.shape and set(out[:, -1].tolist()) <= set(ids[:, 1:].flatten().tolist())
+        if cover:  # every leaked token somewhere in positions 0..L-2 of the batch, 90 at an end
+            assert set(out[:, :-1].flatten().tolist()) == leaked
+            assert only_last <= set(out[:, -1].tolist())
+    tied = gpt(3, tie=True)  # a tied head mixes input and target gradients: the last position stays free
+    setup = TextSetup.build(observe(tied, ids, None), spec=text_model_spec(tied), task=task, restrict=True)
+    assert setup.only_last is None and not setup.extras()["last_restricted"]
 
 
 # -- TAG --------------------------------------------------------------------------------------------------------

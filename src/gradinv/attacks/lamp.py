@@ -30,11 +30,14 @@ What this implementation adds to the paper (as in :mod:`.tag`): a language model
 jointly optimised soft next-token targets, and its last position (no embedding gradient) is read from its target
 and kept in place by the reorderings; the token-set leak restricts decoding (and a language model's soft targets)
 where it applies (``restrict_to_leaked``; LAMP's code's ``use_embedding`` option, off there by default). Measured on
-held-out bundled sentences (bench/results/text_attacks.md), the restriction raised LAMP's ROUGE-1 in 6 of 8 cells
-(both models, untrained and trained, batch 1 and 4) and lowered it on the untrained models at batch 1 (gpt2-tiny:
-0.90 vs 1.00), so it stays on; ``n_E`` is the mean norm of the leaked tokens' rows when the restriction applies (of
-all rows otherwise). Classifier labels: the threat model's, else recovered by ``label_method`` (the paper assumes them
-known, recoverable from the classifier's gradient), or optimised jointly (``label_method="optimise"``).
+held-out bundled sentences with nearest-token decoding (bench/results/text_attacks_nearest.md), the restriction
+raised LAMP's ROUGE-1 in 6 of 8 cells (both models, untrained and trained, batch 1 and 4) and lowered it on the
+untrained models at batch 1 (gpt2-tiny: 0.90 vs 1.00), so it stays on; decoding then covers every leaked token
+(``cover_leaked``, as TAG's), and a language model's last position is read from the head's targets
+(bench/results/text_attacks.md: ROUGE-1 at batch 1 0.92-0.98 where nearest decoding gave 0.29-0.90); ``n_E`` is
+the mean norm of the leaked tokens' rows when the restriction applies (of all rows otherwise). Classifier labels:
+the threat model's, else recovered by ``label_method`` (the paper assumes them known, recoverable from the
+classifier's gradient), or optimised jointly (``label_method="optimise"``).
 
 Threat model: honest-but-curious server, one client's FedSGD gradient of its mean loss, ``B`` and ``L`` known (no
 padding), the model's parameters, an auxiliary language model over the model's vocabulary.
@@ -103,6 +106,7 @@ class LampSettings:
     init_candidates: int = 50
     decode: str = "cosine"
     restrict_to_leaked: bool = True
+    cover_leaked: bool = True
     task: str = "auto"
     label_method: str = "auto"
     log_every: int = 50
@@ -316,7 +320,7 @@ class Lamp(Attack):
         if task == "classifier" and observation.knowledge.labels is None and s.label_method != "optimise":
             labels, label_source = labels_for(observation, method=s.label_method)
             observation = observation.with_knowledge(labels=labels)
-        setup = TextSetup.build(observation, spec=spec, task=task, restrict=s.restrict_to_leaked)
+        setup = TextSetup.build(observation, spec=spec, task=task, restrict=s.restrict_to_leaked, cover=s.cover_leaked)
         replay = TextReplay(observation, spec=spec, task=task)
         lm_weight, reg_weight = s.weights
         device = setup.device

@@ -29,8 +29,14 @@ Choices this implementation makes (and why):
 - *The token-set leak* (Melis et al., S&P 2019; :func:`gradinv.attacks.token_leak.token_set`): the nonzero
   rows of an untied token embedding's gradient are the batch's tokens. With ``restrict_to_leaked`` (default)
   decoding, and a language model's soft targets, are restricted to them wherever the leak applies (not for a
-  tied embedding; not for an LM's last position, whose token leaves no embedding gradient). LAMP's code uses the
-  same leak (its ``use_embedding`` flag). ``extras["restricted"]`` says whether it applied.
+  tied embedding). An LM's last position leaves no embedding gradient; an untied output head's gradient shows the
+  batch's next-token targets (:func:`~gradinv.attacks.token_leak.target_token_set`), to which its soft target is
+  restricted instead (free when the head is tied). LAMP's code uses the
+  same leak (its ``use_embedding`` flag). ``extras["restricted"]`` says whether it applied. The leak lists
+  *exactly* the batch's tokens, so with ``cover_leaked`` (default) decoding also uses each of them at least once:
+  the positions' assignment to tokens of largest total closeness under that constraint (Hungarian algorithm,
+  :func:`covering_tokens`), instead of each position's nearest token on its own, which lets several positions
+  collapse onto one token (``extras["covered"]``); a target that is no input anywhere goes to a last position.
 
 Threat model: honest-but-curious server, one client's FedSGD gradient of its mean loss, the number of sequences
 ``B`` and their length ``L`` known (no padding), the model's parameters and its token embedding matrix (a
@@ -247,15 +253,70 @@ def nearest_tokens(x: Tensor, embedding: Tensor, *, metric: str = "cosine", allo
     return scores.argmax(-1)
 
 
-def target_mask(length: int, vocab: int, allowed: Tensor | None, device: torch.device) -> Tensor | None:
+def cover_assignment(scores: Tensor, *, free: Tensor | None = None) -> Tensor:
+    """For ``scores`` (P, n) of P positions against n <= P tokens (larger is closer): the assignment with the
+    largest total score in which every token is used at least once (Hungarian algorithm, Kuhn 1955, on the n token
+    columns and P - n free columns). A position in a free column scores ``free`` (P,) (default: its best of the n
+    tokens). Returns each position's token index, -1 where it took a free column."""
+    from scipy.optimize import linear_sum_assignment
+
+    positions, n = scores.shape
+    free = scores.max(-1).values if free is None else free
+    gain = torch.cat([scores, free.unsqueeze(1).expand(positions, positions - n)], dim=1)
+    rows, cols = linear_sum_assignment(gain.detach().to(torch.float64).cpu().numpy(), maximize=True)
+    index = torch.full((positions,), -1, dtype=torch.long)
+    must = cols < n
+    index[torch.as_tensor(rows[must])] = torch.as_tensor(cols[must])
+    return index.to(scores.device)
+
+
+def covering_tokens(x: Tensor, embedding: Tensor, *, metric: str = "cosine", allowed: Tensor) -> Tensor:
+    """Token ids (...) for embeddings ``x`` (..., D) such that every ``allowed`` token is used at least once (the
+    token-set leak lists exactly the batch's tokens, so a decoding that leaves one out is wrong somewhere): the
+    decoding of largest total closeness (:func:`token_scores`) under that constraint (:func:`cover_assignment`).
+    Falls back to :func:`nearest_tokens` when there are fewer positions than allowed tokens."""
+    tokens = allowed.nonzero().flatten()
+    flat = x.reshape(-1, x.shape[-1])
+    if tokens.numel() == 0 or tokens.numel() > flat.shape[0]:
+        return nearest_tokens(x, embedding, metric=metric, allowed=allowed)
+    scores = token_scores(flat, embedding[tokens], metric=metric)
+    index = cover_assignment(scores)
+    index = torch.where(index < 0, scores.argmax(-1), index)
+    return tokens[index].reshape(x.shape[:-1])
+
+
+def target_mask(
+    length: int, vocab: int, allowed: Tensor | None, device: torch.device, *, targets: Tensor | None = None
+) -> Tensor | None:
     """A language model's soft-target mask (L, V): positions ``1..L-2`` restricted to ``allowed`` (the leaked
-    tokens), the last position free (its token leaves no embedding gradient, so the leak does not list it); None
+    tokens); the last position, whose token leaves no embedding gradient, restricted to ``targets`` (a boolean
+    (V,) mask of the tokens an untied head's gradient shows as targets, :func:`last_token_targets`) or free; None
     when nothing is restricted."""
     if allowed is None:
         return None
     mask = allowed.expand(length, vocab).clone()
-    mask[-1] = True
+    mask[-1] = True if targets is None else targets
     return mask
+
+
+def last_token_targets(observation: Observation, spec: Any, allowed: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """What the token-set leak says about a language model's last position: the tokens an untied output head's
+    gradient shows as next-token targets (:func:`~gradinv.attacks.token_leak.target_token_set`, a boolean (V,)
+    mask; the last token is one of them), and those of them that are no input anywhere (``allowed``), which only a
+    last position can hold (token ids; None unless there are at most B of them, more means the head's reading is
+    off). ``(None, None)`` when the head cannot be read (tied to the embedding, no head in the update)."""
+    from gradinv.attacks.token_leak import target_token_set
+
+    try:
+        found = target_token_set(observation, spec=spec)
+    except AttackError:
+        return None, None
+    if found.numel() == 0:
+        return None, None
+    mask = allowed_mask(allowed.numel(), found.to(allowed.device), allowed.device)
+    only_last = (mask & ~allowed).nonzero().flatten()
+    fits = 0 < only_last.numel() <= int(observation.knowledge.num_samples)
+    return mask, only_last if fits else None
 
 
 def soft_targets(logits: Tensor, mask: Tensor | None) -> Tensor:
@@ -273,14 +334,25 @@ def decode_language_model(
     metric: str,
     allowed: Tensor | None,
     mask: Tensor | None,
+    cover: bool = False,
+    only_last: Tensor | None = None,
 ) -> Tensor:
-    """Token ids (B, L) of an LM candidate: positions ``0..L-2`` from their embeddings (nearest allowed row), the
-    last position from its soft target (its embedding gets no gradient under the next-token loss)."""
+    """Token ids (B, L) of an LM candidate: positions ``0..L-2`` from their embeddings (nearest allowed row; with
+    ``cover``, every allowed token used at least once, :func:`covering_tokens`), the last position from its soft
+    target (its embedding gets no gradient under the next-token loss, so the leak does not list it; with ``cover``,
+    each token of ``only_last`` at some last position, :func:`cover_assignment`)."""
     ids = nearest_tokens(x, embedding, metric=metric, allowed=allowed)
+    if cover and allowed is not None:
+        ids[:, :-1] = covering_tokens(x[:, :-1], embedding, metric=metric, allowed=allowed)
     last = target_logits[:, -1]
     if mask is not None:
         last = last.masked_fill(~mask[-1], float("-inf"))
     ids[:, -1] = last.argmax(-1)
+    if cover and only_last is not None and only_last.numel() <= last.shape[0]:
+        scores = last.log_softmax(-1)
+        index = cover_assignment(scores[:, only_last], free=scores.max(-1).values)
+        chosen = index >= 0
+        ids[chosen, -1] = only_last[index[chosen]]
     return ids
 
 
@@ -339,7 +411,8 @@ class TagSettings:
     batch 1 and better at batch 2, and 0.3 diverged); ``alpha``: weight of the L1 term
     (0.01); ``init_scale``: standard deviation of the initial dummy entries (None: the token embedding matrix's);
     ``decode``: nearest row by ``cosine`` or ``euclidean``; ``restrict_to_leaked``: decode (and, for a language
-    model, target) only the tokens the token-set leak shows, where it applies; ``task``: ``auto``,
+    model, target) only the tokens the token-set leak shows, where it applies; ``cover_leaked``: and decode every
+    leaked token at least once (:func:`covering_tokens`); ``task``: ``auto``,
     ``language_model`` or ``classifier``; ``log_every``: trace interval; ``time_budget``: seconds (0: none)."""
 
     iterations: int = 500
@@ -348,6 +421,7 @@ class TagSettings:
     init_scale: float | None = None
     decode: str = "cosine"
     restrict_to_leaked: bool = True
+    cover_leaked: bool = True
     task: str = "auto"
     log_every: int = 50
     time_budget: float = 0.0
@@ -419,7 +493,7 @@ class Tag(Attack):
         start = time.perf_counter()
         spec = resolve_spec(observation.model, self.spec)
         task = resolve_task(observation.model, s.task)
-        setup = TextSetup.build(observation, spec=spec, task=task, restrict=s.restrict_to_leaked)
+        setup = TextSetup.build(observation, spec=spec, task=task, restrict=s.restrict_to_leaked, cover=s.cover_leaked)
         replay = TextReplay(observation, spec=spec, task=task)
         scale = s.init_scale if s.init_scale is not None else default_init_scale(setup.embedding)
         state = setup.initial_state(scale=scale, generator=generator)
@@ -466,16 +540,21 @@ class TextSetup:
     known_labels: Tensor | None
     num_classes: int | None
     device: torch.device
+    cover: bool = False
+    only_last: Tensor | None = None
 
     @classmethod
-    def build(cls, observation: Observation, *, spec: Any, task: str, restrict: bool) -> TextSetup:
+    def build(cls, observation: Observation, *, spec: Any, task: str, restrict: bool, cover: bool = False) -> TextSetup:
         device = observation.device
         batch, length = int(observation.knowledge.num_samples), int(observation.knowledge.input_shape[0])
         embedding = embedding_matrix(observation, spec)
         vocab = embedding.shape[0]
         tokens, reason = leaked_tokens(observation, spec) if restrict else (None, "restrict_to_leaked=False")
         allowed = allowed_mask(vocab, tokens, device)
-        mask = target_mask(length, vocab, allowed, device) if task == "language_model" else None
+        mask, only_last = None, None
+        if task == "language_model":
+            targets, only_last = (None, None) if allowed is None else last_token_targets(observation, spec, allowed)
+            mask = target_mask(length, vocab, allowed, device, targets=targets)
         known = observation.knowledge.labels
         known = None if known is None or task == "language_model" else known.to(device).long()
         num_classes = None
@@ -484,7 +563,7 @@ class TextSetup:
             with torch.no_grad():
                 out = twin(torch.zeros(1, length, dtype=torch.long, device=device))
             num_classes = int(out.shape[-1])
-        return cls(task, batch, length, embedding, allowed, mask, reason, known, num_classes, device)
+        return cls(task, batch, length, embedding, allowed, mask, reason, known, num_classes, device, cover, only_last)
 
     def initial_state(self, *, scale: float, generator: torch.Generator) -> TextState:
         x = initial_embeddings(
@@ -511,8 +590,17 @@ class TextSetup:
         with torch.no_grad():
             if self.task == "language_model":
                 return decode_language_model(
-                    state.x, state.target_logits, self.embedding, metric=metric, allowed=self.allowed, mask=self.mask
+                    state.x,
+                    state.target_logits,
+                    self.embedding,
+                    metric=metric,
+                    allowed=self.allowed,
+                    mask=self.mask,
+                    cover=self.cover,
+                    only_last=self.only_last,
                 )
+            if self.cover and self.allowed is not None:
+                return covering_tokens(state.x, self.embedding, metric=metric, allowed=self.allowed)
             return nearest_tokens(state.x, self.embedding, metric=metric, allowed=self.allowed)
 
     def labels(self, state: TextState) -> tuple[Tensor | None, str | None]:
@@ -528,6 +616,8 @@ class TextSetup:
             "restricted": self.allowed is not None,
             "restriction": self.restricted_reason,
             "leaked_tokens": None if self.allowed is None else int(self.allowed.sum()),
+            "covered": self.cover and self.allowed is not None,
+            "last_restricted": self.mask is not None and not bool(self.mask[-1].all()),
         }
 
 
@@ -613,6 +703,8 @@ __all__ = [
     "cosine_distance",
     "decode_language_model",
     "leaked_tokens",
+    "cover_assignment",
+    "covering_tokens",
     "nearest_tokens",
     "resolve_task",
     "soft_next_token_loss",
