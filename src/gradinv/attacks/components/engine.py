@@ -27,14 +27,7 @@ from gradinv._settings import above, at_least, one_of
 from gradinv.attacks.components.inits import INITS
 from gradinv.attacks.components.lbfgs import lbfgs_match
 from gradinv.attacks.components.objectives import LAYER_WEIGHTS, OBJECTIVES
-from gradinv.attacks.components.optim import (
-    OPTIMIZERS,
-    SCHEDULES,
-    budget_iteration,
-    make_optimizer,
-    schedule_factor,
-    set_lr,
-)
+from gradinv.attacks.components.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 from gradinv.attacks.labels import label_method_problems
 from gradinv.types import TracePoint
 
@@ -180,19 +173,19 @@ def optimise(
     restarts = x0.shape[0]
     x = x0.clone().requires_grad_(True)
     optimizer = make_optimizer(s.optimizer, [x], lr=s.lr)
+    scheduler = make_scheduler(optimizer, s.schedule, s.iterations, warmup=s.warmup)
     step = _gradient(cost, autograd_cost if use_autograd(s, restarts) else None, restarts)
     coupling = coupling or (lambda x, _values: group_gradient(x))
     stall = _Stall(s.patience, s.min_improvement)
     trace: list[TracePoint] = []
     stopped, it = "iterations", -1
     for it in tqdm(range(s.iterations), desc=desc, disable=not progress, leave=False):
-        at = budget_iteration(it, s.iterations, elapsed=time.perf_counter() - start, time_budget=s.time_budget)
-        set_lr(optimizer, s.lr * schedule_factor(s.schedule, at, s.iterations, warmup=s.warmup))
         g, values = step(x.detach())
         if s.group and restarts > 1:  # held fixed within the step
             g = g + s.group * coupling(x.detach(), values)
         x.grad = g.sign() if s.signed else g
         optimizer.step()
+        scheduler.step()
         if bounds is not None:
             with torch.no_grad():
                 x.data = torch.maximum(torch.minimum(x.data, bounds[1]), bounds[0])

@@ -46,17 +46,8 @@ def schedule_factor(name: str, iteration: int, iterations: int, *, warmup: int =
     raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
 
 
-def budget_iteration(iteration: int, iterations: int, *, elapsed: float, time_budget: float) -> int:
-    """Where a run stands in its schedule: ``iteration``, or further along when a wall-clock ``time_budget``
-    (seconds; 0: none) will end the run first, at the same fraction of ``iterations`` as ``elapsed`` is of the
-    budget. A schedule written for ``iterations`` then completes its decay within the budget instead of being
-    cut off at its start (with a budget worth 2% of the iterations, a step or cosine schedule never decays)."""
-    if not time_budget or iterations <= 0:
-        return iteration
-    return max(iteration, min(iterations - 1, int(iterations * elapsed / time_budget)))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every parameter group's learning rate to ``lr``."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, iterations: int, *, warmup: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A scheduler stepping :func:`schedule_factor` once per iteration."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: schedule_factor(name, it, iterations, warmup=warmup))
