@@ -12,6 +12,8 @@ objective, priors and restarts) and, with ``--recovered-labels``, once more with
 confident trained model Yin et al.'s rule may decline: recorded). Every run goes through the experiments layer.
 Writes OUT/gradinversion.{json,md} (default OUT: bench/results). Usage:
     python bench/gradinversion.py [--threads 2] [--budget 120] [--samples 3] [--quick]
+    python bench/gradinversion.py --iterations 100 --data photo-crops --first-seed 100 --samples 1 \
+        --variants invgrad --bn-weights 1e-3,1e-4,1e-5,0 --name gradinversion_bn   (the BatchNorm prior's weight)
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ VARIANTS = {
 }
 
 
-def case(seed: int, *, known_labels: bool, trained_steps: int, batch: int) -> Case:
+def case(seed: int, *, known_labels: bool, trained_steps: int, batch: int, data: str = "photos") -> Case:
     return Case(
         model="resnet18",
         trained_steps=trained_steps,
         train_data="photo-crops",
-        data="photos",
+        data=data,
         image_size=32,
         batch_size=batch,
         known_labels=known_labels,
@@ -51,23 +53,36 @@ def main() -> None:
     p.add_argument("--trained-steps", type=int, default=300, help="SGD steps on photo-crops (default 300)")
     p.add_argument("--recovered-labels", action="store_true", help="also run with labels recovered from the update")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"rows to run, of: {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--bn-weights",
+        default="",
+        help="also GradInversion with 1 restart at these BatchNorm prior weights (e.g. 1e-3,1e-4,0)",
+    )
+    p.add_argument("--iterations", type=int, default=0, help="an iteration budget instead of --budget seconds")
+    p.add_argument("--data", default="photos", help="the client batches: photos (default) or photo-crops")
+    p.add_argument("--first-seed", type=int, default=0, help="batches are seeds FIRST..FIRST+N-1 (default 0)")
+    p.add_argument("--name", default="gradinversion", help="results file name (default gradinversion)")
     args = p.parse_args()
     run = setup(args)
     budget, samples, steps, batch = (3.0, 1, 5, 4) if args.quick else (args.budget, args.samples, args.trained_steps, 8)
     cache, rows, start = ModelCache(), [], time.perf_counter()
     modes = (True, False) if args.recovered_labels else (True,)
-    names = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(names) - set(VARIANTS))
+    variants = dict(VARIANTS)
+    for w in (w for w in args.bn_weights.split(",") if w):
+        variants[f"gradinversion-1-restart-bn={w}"] = ("gradinversion", (("restarts", 1), ("bn", float(w))))
+    names = [v for v in args.variants.split(",") if v] + [v for v in variants if v not in VARIANTS]
+    limit = ("iterations", args.iterations) if args.iterations else ("time_budget", budget)
+    unknown = sorted(set(names) - set(variants))
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
     for known in modes:
-        for seed in range(samples):
+        for seed in range(args.first_seed, args.first_seed + samples):
             for name in names:
-                attack, settings = VARIANTS[name]
+                attack, settings = variants[name]
                 cell = Cell(
-                    case(seed, known_labels=known, trained_steps=steps, batch=batch),
+                    case(seed, known_labels=known, trained_steps=steps, batch=batch, data=args.data),
                     attack,
-                    (("time_budget", budget), *settings),
+                    (limit, *settings),
                 )
                 r = run_cell(cell, cache=cache, raise_errors=True).record
                 details = r.details or {}
@@ -99,7 +114,10 @@ def main() -> None:
 
     lines = [
         f"GradInversion vs Inverting Gradients: ResNet-18 trained {steps} steps on photo-crops, batch {batch} of "
-        f"whole photos at 32x32, FedSGD, {budget:g} s of wall time per attack and batch, {samples} batch(es); "
+        f"{'whole photos' if args.data == 'photos' else args.data} at 32x32 (batch seeds {args.first_seed}.."
+        f"{args.first_seed + samples - 1}), FedSGD, "
+        f"{f'{args.iterations} iterations' if args.iterations else f'{budget:g} s of wall time'} per attack and "
+        f"batch, {samples} batch(es); "
         f"{run['threads']} thread(s), {total:.0f} s in all.",
         "",
         "| labels | attack | mean PSNR (dB) | mean SSIM | label acc. | iterations | PSNR per batch |",
@@ -129,13 +147,16 @@ def main() -> None:
             )
     payload = {
         "case": case(0, known_labels=False, trained_steps=steps, batch=batch).to_dict(),
-        "budget_seconds": budget,
+        "budget_seconds": None if args.iterations else budget,
+        "iterations": args.iterations or None,
+        "data": args.data,
+        "first_seed": args.first_seed,
         "samples": samples,
         "seconds": total,
         "summary": summary,
         "runs": rows,
     }
-    write_results(args.out, "gradinversion", run, payload, "\n".join(lines))
+    write_results(args.out, args.name, run, payload, "\n".join(lines))
 
 
 if __name__ == "__main__":

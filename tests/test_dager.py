@@ -260,9 +260,11 @@ def test_deterministic_and_the_model_is_left_unchanged():
     attack = Dager(spec=spec_of(model))
     first, again = attack.reconstruct(obs, seed=0), attack.reconstruct(obs, seed=5)
     assert torch.equal(first.inputs, again.inputs)
-    assert {k: v for k, v in first.extras.items() if k != "normaliser"} == {
-        k: v for k, v in again.extras.items() if k != "normaliser"
-    }
+    # the same extras; a least-squares residual may differ in its last digits (multithreaded BLAS reductions)
+    extras = [{k: v for k, v in r.extras.items() if k != "normaliser"} for r in (first, again)]
+    assert extras[0].keys() == extras[1].keys()
+    for k, v in extras[0].items():
+        assert extras[1][k] == (pytest.approx(v, rel=1e-9) if isinstance(v, float) else v), k
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     for k, v in obs.parameters.items():
