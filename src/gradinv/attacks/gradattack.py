@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
-import torch
 from torch import Tensor
 
 from gradinv._settings import one_of
-from gradinv.attacks.base import AttackOutput, Callback, register_attack
+from gradinv.attacks.base import register_attack
 from gradinv.attacks.components.engine import MatchingSettings
 from gradinv.attacks.components.priors import Prior, build_priors, combine_priors
 from gradinv.attacks.gradinversion import batchnorm_prior, running_statistics
@@ -124,17 +124,9 @@ class GradAttack(GradientMatchingAttack):
         others = build_priors(observation, labels, {"tv": tv, "l2": self.settings.l2, "label": self.settings.label})
         return combine_priors((1.0, others), (bn, self._bn_prior(observation, mode) if bn else None))
 
-    def _reconstruct(
-        self,
-        observation: Observation,
-        *,
-        generator: torch.Generator,
-        progress: bool,
-        callback: Callback | None,
-    ) -> AttackOutput:
-        out = super()._reconstruct(observation, generator=generator, progress=progress, callback=callback)
+    def _resolved(self, observation: Observation) -> dict[str, Any]:
         mode, tv, bn = self.resolve(observation)
-        return dataclasses.replace(out, settings={**out.settings, "bn_statistics": mode, "tv": tv, "bn": bn})
+        return {"bn_statistics": mode, "tv": tv, "bn": bn}
 
 
 __all__ = ["BN_STATISTICS", "PAPER_WEIGHTS", "GradAttack", "GradAttackSettings", "resolve_bn_statistics"]

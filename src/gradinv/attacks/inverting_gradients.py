@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from gradinv.attacks.base import AttackOutput, Callback, register_attack
+from gradinv.attacks.base import register_attack
 from gradinv.attacks.components.engine import MatchingSettings
 from gradinv.attacks.components.priors import Prior, build_priors
 from gradinv.attacks.matching import GradientMatchingAttack
@@ -79,13 +79,5 @@ class InvertingGradients(GradientMatchingAttack):
         weights = {"tv": self.tv_for(observation), "l2": s.l2, "bn": s.bn, "label": s.label}
         return build_priors(observation, labels, weights)
 
-    def _reconstruct(
-        self,
-        observation: Observation,
-        *,
-        generator: torch.Generator,
-        progress: bool,
-        callback: Callback | None,
-    ) -> AttackOutput:
-        out = super()._reconstruct(observation, generator=generator, progress=progress, callback=callback)
-        return dataclasses.replace(out, settings={**out.settings, "tv": self.tv_for(observation)})
+    def _resolved(self, observation: Observation) -> dict[str, Any]:
+        return {"tv": self.tv_for(observation)}

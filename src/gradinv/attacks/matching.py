@@ -13,7 +13,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -66,6 +66,11 @@ class GradientMatchingAttack(Attack):
         return INITS[s.init](
             shape, generator=generator, bounds=None if bounds is None else tuple(b.cpu() for b in bounds), scale=scale
         )
+
+    def _resolved(self, observation: Observation) -> dict[str, Any]:
+        """Settings whose value the observation decides (a default per architecture, a mode), recorded in the
+        reconstruction in place of the declared ones."""
+        return {}
 
     def _coupling(self, labels: Tensor) -> Callable[[Tensor, Tensor], Tensor] | None:
         """The gradient of the term coupling the restarts (``coupling(x, values)``, weighted by ``group``);
@@ -140,6 +145,7 @@ class GradientMatchingAttack(Attack):
                 "stopped": result.stopped,
                 **result.extras,
             },
+            settings=self._resolved(observation),
         )
 
 
