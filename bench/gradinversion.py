@@ -33,9 +33,20 @@ VARIANTS = {
 }
 
 
-def case(seed: int, *, known_labels: bool, trained_steps: int, batch: int, data: str = "photos") -> Case:
+def case(
+    seed: int,
+    *,
+    known_labels: bool,
+    trained_steps: int,
+    batch: int,
+    data: str = "photos",
+    train_mode: bool = False,
+    known_bn: bool = False,
+) -> Case:
     return Case(
         model="resnet18",
+        train_mode=train_mode,
+        known_bn_statistics=known_bn,
         trained_steps=trained_steps,
         train_data="photo-crops",
         data=data,
@@ -62,6 +73,12 @@ def main() -> None:
     p.add_argument("--data", default="photos", help="the client batches: photos (default) or photo-crops")
     p.add_argument("--first-seed", type=int, default=0, help="batches are seeds FIRST..FIRST+N-1 (default 0)")
     p.add_argument("--name", default="gradinversion", help="results file name (default gradinversion)")
+    p.add_argument("--train-mode", action="store_true", help="the client trains with train-mode BatchNorm")
+    p.add_argument(
+        "--known-bn",
+        action="store_true",
+        help="the threat model gives the client batch's BatchNorm statistics (Huang et al.'s BN exact)",
+    )
     args = p.parse_args()
     run = setup(args)
     budget, samples, steps, batch = (3.0, 1, 5, 4) if args.quick else (args.budget, args.samples, args.trained_steps, 8)
@@ -80,7 +97,15 @@ def main() -> None:
             for name in names:
                 attack, settings = variants[name]
                 cell = Cell(
-                    case(seed, known_labels=known, trained_steps=steps, batch=batch, data=args.data),
+                    case(
+                        seed,
+                        known_labels=known,
+                        trained_steps=steps,
+                        batch=batch,
+                        data=args.data,
+                        train_mode=args.train_mode,
+                        known_bn=args.known_bn,
+                    ),
                     attack,
                     (limit, *settings),
                 )
@@ -118,6 +143,8 @@ def main() -> None:
         f"{args.first_seed + samples - 1}), FedSGD, "
         f"{f'{args.iterations} iterations' if args.iterations else f'{budget:g} s of wall time'} per attack and "
         f"batch, {samples} batch(es); "
+        f"{'train' if args.train_mode else 'eval'}-mode BatchNorm, BatchNorm prior against the "
+        f"{'client batch' if args.known_bn else 'running'} statistics; "
         f"{run['threads']} thread(s), {total:.0f} s in all.",
         "",
         "| labels | attack | mean PSNR (dB) | mean SSIM | label acc. | iterations | PSNR per batch |",
@@ -146,7 +173,14 @@ def main() -> None:
                 f"{item['mean_iterations']:.0f} | " + ", ".join(f"{v:.2f}" for v in psnr) + " |"
             )
     payload = {
-        "case": case(0, known_labels=False, trained_steps=steps, batch=batch).to_dict(),
+        "case": case(
+            0,
+            known_labels=False,
+            trained_steps=steps,
+            batch=batch,
+            train_mode=args.train_mode,
+            known_bn=args.known_bn,
+        ).to_dict(),
         "budget_seconds": None if args.iterations else budget,
         "iterations": args.iterations or None,
         "data": args.data,

@@ -85,6 +85,36 @@ def test_bn_prior_targets_running_statistics_or_the_known_batch(photos32):
         build_priors(_obs(photos32, build_model("lenet", num_classes=10))[1], sc2.labels, {"bn": 1.0})
 
 
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_replay_measures_the_batchnorm_prior_in_its_own_forward_pass(train_mode, photos32):
+    """A BatchNorm prior fused into the FedSGD replay (no second forward pass) gives the cost and gradient of the
+    prior evaluated separately (oracle), with autograd and under vmap; other protocols keep the separate pass."""
+    from torch.func import vmap
+
+    from gradinv.attacks.components.replay import _fused_batchnorm
+
+    model = build_model("convnet", num_classes=10, width=4, seed=0)
+    sc, obs = _obs(photos32, model, b=2, train_mode=train_mode, threat=ThreatModel(known_bn_statistics=True))
+    prior = build_priors(obs, sc.labels, {"bn": 0.3, "tv": 1e-2})
+    assert [w for w, _ in _fused_batchnorm(obs, prior)[0]] == [0.3]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    distance = matching_cost(obs, objective=OBJECTIVES["cosine"])
+    for autograd in (True, False):
+        fused = matching_cost(obs, objective=OBJECTIVES["cosine"], prior=prior, autograd=autograd)
+        xr, xs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        value = fused(xr, sc.labels)
+        separate = distance(xs, sc.labels) + prior(xs)
+        torch.testing.assert_close(value, separate, rtol=1e-5, atol=1e-6)
+        (g_fused,) = torch.autograd.grad(value, xr)
+        (g_separate,) = torch.autograd.grad(separate, xs)
+        torch.testing.assert_close(g_fused, g_separate, rtol=1e-4, atol=1e-7)
+    func = matching_cost(obs, objective=OBJECTIVES["cosine"], prior=prior)
+    batched = vmap(grad(func), in_dims=(0, None))(torch.stack([x, x + 0.1]), sc.labels)
+    torch.testing.assert_close(batched[0], g_separate, rtol=1e-4, atol=1e-7)
+    fedavg = _obs(photos32, model, b=2, train_mode=train_mode, protocol=FedAvg(local_steps=2, lr=0.1))[1]
+    assert _fused_batchnorm(fedavg, build_priors(fedavg, sc.labels, {"bn": 0.3}))[0] == []
+
+
 def test_group_consistency_is_zero_for_equal_restarts():
     x = torch.randn(1, 2, 3, 4, 4).expand(3, 2, 3, 4, 4)
     assert float(group_consistency(x)) == pytest.approx(0, abs=1e-12)

@@ -111,10 +111,12 @@ class LampSettings:
     label_method: str = "auto"
     log_every: int = 50
     time_budget: float = 0.0
+    token_rounds: int = 0
 
     def problems(self) -> list[str]:
         return [
             *at_least("iterations", self.iterations, 1),
+            *at_least("token_rounds", self.token_rounds, 0),
             *above("lr", self.lr, 0),
             *above("lr_decay", self.lr_decay, 0),
             *at_least("decay_every", self.decay_every, 1),
@@ -225,6 +227,88 @@ def discrete_step(
             best, current = values[k], pool[k]
             changed.append(row)
     return current, DiscreteResult(before=before, after=best, changed=tuple(changed))
+
+
+def token_candidates(
+    ids: Tensor,
+    row: int,
+    *,
+    count: int,
+    positions: int,
+    pool: Tensor | None,
+    generator: torch.Generator,
+    covered: int | None = None,
+) -> list[Tensor]:
+    """Up to ``count`` distinct neighbours of the token ids ``ids`` (B, L) that change sequence ``row``: LAMP's
+    reorderings (:data:`TRANSFORMS`) of its first ``positions`` tokens, and, in turn with them, a token of ``row``
+    exchanged with a token of another sequence (batches of more than one) and a token replaced by one of ``pool``
+    (the leaked token set, when known). With ``pool``, a neighbour must keep every token of ``pool`` somewhere in
+    the first ``covered`` positions (default all) of the batch, as the leak says the batch does."""
+    covered = ids.shape[1] if covered is None else covered
+    kinds = [*TRANSFORMS, *(("exchange",) if ids.shape[0] > 1 else ()), *(("replace",) if pool is not None else ())]
+    out: list[Tensor] = []
+    seen = {tuple(ids[row].tolist())}
+    for k in range(4 * count):
+        if len(out) >= count:
+            break
+        kind = kinds[k % len(kinds)]
+        new = ids.clone()
+        if kind == "exchange":
+            other = _randint(0, ids.shape[0] - 1, generator)
+            other += other >= row
+            i, j = _randint(0, positions, generator), _randint(0, positions, generator)
+            new[row, i], new[other, j] = ids[other, j], ids[row, i]
+        elif kind == "replace":
+            i = _randint(0, positions, generator)
+            new[row, i] = pool[_randint(0, pool.numel(), generator)]
+        else:
+            order = torch.tensor(reorder(positions, kind, generator), dtype=torch.long, device=ids.device)
+            new[row, :positions] = ids[row, order]
+        if pool is not None and not bool(torch.isin(pool, new[:, :covered]).all()):
+            continue
+        key = tuple(new[row].tolist())
+        if kind == "exchange" or key not in seen:
+            seen.add(key)
+            out.append(new)
+    return out
+
+
+def token_search(
+    ids: Tensor,
+    *,
+    score_many: Callable[[list[Tensor]], list[float]],
+    positions: int,
+    candidates: int,
+    rounds: int,
+    pool: Tensor | None,
+    generator: torch.Generator,
+    covered: int | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Discrete steps on the decoded token ids themselves (an addition to LAMP, whose discrete steps reorder
+    continuous embeddings): each round, for every sequence in turn, ``candidates`` neighbours
+    (:func:`token_candidates`) are scored by ``score_many`` (the gradient distance of the tokens' own embeddings
+    plus alpha_lm times the prior's log-perplexity) and the best replaces the current ids if it scores lower.
+    Stops after ``rounds`` rounds or a round without a change. Greedy: the returned ids never score higher."""
+    current = ids.clone()
+    best = score_many([current])[0]
+    first, changes, ran = best, 0, 0
+    for _ in range(rounds):
+        ran += 1
+        changed = False
+        for row in range(current.shape[0]):
+            pool_ids = token_candidates(
+                current, row, count=candidates, positions=positions, pool=pool, generator=generator, covered=covered
+            )
+            if not pool_ids:
+                continue
+            values = score_many(pool_ids)
+            k = min(range(len(values)), key=values.__getitem__)
+            if values[k] < best:
+                best, current, changed = values[k], pool_ids[k], True
+                changes += 1
+        if not changed:
+            break
+    return current, {"token_rounds": ran, "token_changes": changes, "token_gain": first - best}
 
 
 # -- the attack -------------------------------------------------------------------------------------------------
@@ -415,6 +499,39 @@ class Lamp(Attack):
         labels, source = setup.labels(best.state)
         if label_source is not None:
             source = label_source
+        if s.token_rounds:
+
+            def exact_many(candidates: list[Tensor]) -> list[float]:
+                """The discrete score of token ids: the gradient distance of their own embeddings (next tokens or
+                the labels as targets) plus alpha_lm * the prior's log-perplexity."""
+                with torch.enable_grad():
+                    values = torch.stack(
+                        [
+                            rec_distance(
+                                replay.gradient(
+                                    setup.embedding[c], c if task == "language_model" else labels, create_graph=False
+                                )
+                            ).detach()
+                            for c in candidates
+                        ]
+                    )
+                if prior is not None:
+                    with torch.no_grad():
+                        values = values + lm_weight * prior_losses(prior, torch.stack(candidates))
+                return [float(v) for v in values]
+
+            pool = None if setup.allowed is None else torch.nonzero(setup.allowed).flatten()
+            ids, searched = token_search(
+                ids,
+                score_many=exact_many,
+                positions=setup.length,
+                candidates=s.candidates,
+                rounds=s.token_rounds,
+                pool=pool,
+                generator=generator,
+                covered=setup.length - 1 if task == "language_model" else setup.length,
+            )
+            record.update(searched)
         extras = {
             **setup.extras(),
             **record,

@@ -104,6 +104,9 @@ class Case:
     defenses: tuple[Defense, ...] = ()
     train_mode: bool = False
     known_labels: bool = False
+    #: the threat model hands the attacker every BatchNorm layer's mean and variance on the client's batch
+    #: (GradAttack's "BN exact", the statistics GradInversion's prior is evaluated with; Huang et al. 2021)
+    known_bn_statistics: bool = False
     server: str = "honest"
     update: str | None = None
     seeds: Seeds = field(default_factory=Seeds)
@@ -188,6 +191,11 @@ class Case:
         if self.trained_steps and not self.is_text and not _known_data(self.train_data):
             problems.append(
                 f"unknown training data {self.train_data!r}: use digits, photos, photo-crops, a folder or an .npz file"
+            )
+        if self.known_bn_statistics and (self.is_text or self.update is not None):
+            problems.append(
+                "known_bn_statistics needs a simulated image client (the statistics are measured on its batch): "
+                "drop it for text models and captured updates"
             )
         for name in ("weights", "update"):
             path = getattr(self, name)
@@ -284,6 +292,7 @@ class Case:
             "defenses": [d.spec() for d in self.defenses],
             "train_mode": self.train_mode,
             "known_labels": self.known_labels,
+            **({"known_bn_statistics": True} if self.known_bn_statistics else {}),  # keeps older keys
             "server": self.server,
             "update": self.update,
             "seeds": dataclasses.asdict(self.seeds),
@@ -521,7 +530,9 @@ def build_client(case: Case, *, cache: ModelCache | None = None) -> Client:
         labels,
         normalization=dataset.normalization,
         threat=ThreatModel(
-            known_labels=case.known_labels, server=_server(case.server, dataset, images, case.image_size)
+            known_labels=case.known_labels,
+            known_bn_statistics=case.known_bn_statistics,
+            server=_server(case.server, dataset, images, case.image_size),
         ),
         **_client_options(case),
     )

@@ -46,7 +46,17 @@ AXES = {
     "defenses": "defenses",
     "seeds": "seed",
 }
-FIXED = ("num_classes", "train_data", "weights", "known_labels", "train_mode", "server", "model_seed", "name")
+FIXED = (
+    "num_classes",
+    "train_data",
+    "weights",
+    "known_labels",
+    "known_bn_statistics",
+    "train_mode",
+    "server",
+    "model_seed",
+    "name",
+)
 KNOWN = set(AXES) | set(AXES.values()) | set(FIXED) | {"attack_options", "cells", "samples"}
 
 

@@ -176,6 +176,7 @@ class RunRecord:
             "aggregation": c.get("aggregation", "mean"),
             "protocol": c["protocol"],
             "known_labels": c["known_labels"],
+            **({"known_bn_statistics": True} if c.get("known_bn_statistics") else {}),
             "train_mode": c["train_mode"],
             "server": c["server"],
             "defenses": c["defenses"] if self.observed_defenses is None else self.observed_defenses,

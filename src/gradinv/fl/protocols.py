@@ -13,6 +13,7 @@ and are re-exported here.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +44,15 @@ def loss_gradient(
     *,
     loss_fn: LossFn = cross_entropy,
     autograd: bool = False,
-) -> Params:
+    aux: Callable[[], Any] | None = None,
+) -> Params | tuple[Params, Any]:
     """Gradient of ``loss_fn(model(inputs), targets)`` with respect to ``params``, differentiable in inputs.
 
     ``autograd``: take it with ``torch.autograd.grad(create_graph=True)`` instead of ``torch.func.grad``; the
     parameters must then require grad (leaves or functions of leaves). Cheaper for one candidate outside ``vmap``
-    (no transform wrappers); ``torch.func`` is what ``vmap`` over restarts needs.
+    (no transform wrappers); ``torch.func`` is what ``vmap`` over restarts needs. ``aux``: called right after the
+    forward pass (e.g. to collect what hooks measured there); then ``(gradient, aux())`` is returned, the latter
+    still differentiable in the inputs.
     """
     if autograd:
         names = list(params)
@@ -58,13 +62,15 @@ def loss_gradient(
             else functional_call(model, (dict(params), buffers), (inputs,))
         )
         loss = loss_fn(output, targets)
-        grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=True)
-        return dict(zip(names, grads, strict=True))
+        extra = aux() if aux is not None else None
+        grads = dict(zip(names, torch.autograd.grad(loss, [params[k] for k in names], create_graph=True), strict=True))
+        return grads if aux is None else (grads, extra)
 
-    def loss_of(p: Params) -> Tensor:
-        return loss_fn(functional_call(model, (p, buffers), (inputs,)), targets)
+    def loss_of(p: Params) -> Tensor | tuple[Tensor, Any]:
+        loss = loss_fn(functional_call(model, (p, buffers), (inputs,)), targets)
+        return loss if aux is None else (loss, aux())
 
-    return grad(loss_of)(dict(params))
+    return grad(loss_of, has_aux=aux is not None)(dict(params))
 
 
 def client_update(

@@ -67,21 +67,35 @@ def bn_statistics(
     targets = bn_targets(observation) if targets is None else targets
     if not targets:
         raise ConfigError("the BatchNorm prior needs a model with BatchNorm layers: set its weight to 0 for this model")
-    mode = observation.train_mode if train_mode is None else train_mode
-    twin = stateless_twin(observation.model, train_mode=mode)
-    params = {k: v.detach() for k, v in observation.parameters.items()}
-    buffers = {k: v.detach() for k, v in observation.buffers.items()}
-    goal = {k: (m.detach().to(observation.device), v.detach().to(observation.device)) for k, (m, v) in targets.items()}
-    stats = batch_statistics(twin, list(goal))
+    return BatchNormPrior(observation, targets, train_mode=observation.train_mode if train_mode is None else train_mode)
 
-    def prior(x: Tensor) -> Tensor:
-        seen = stats(params, buffers, x)
+
+class BatchNormPrior:
+    """The prior of :func:`bn_statistics`: callable on a candidate (one forward pass of its own), or evaluated
+    from statistics a replay already measured (:meth:`from_statistics`): in a FedSGD replay in the same mode the
+    client's forward pass sees the same BatchNorm inputs, so :func:`~.replay.matching_cost` measures them there
+    and spares the second forward pass (and its backward)."""
+
+    def __init__(
+        self, observation: Observation, targets: Mapping[str, tuple[Tensor, Tensor]], *, train_mode: bool
+    ) -> None:
+        device = observation.device
+        self.train_mode = train_mode
+        self.goal = {k: (m.detach().to(device), v.detach().to(device)) for k, (m, v) in targets.items()}
+        self.layers = tuple(self.goal)
+        self._params = {k: v.detach() for k, v in observation.parameters.items()}
+        self._buffers = {k: v.detach() for k, v in observation.buffers.items()}
+        self._stats = batch_statistics(stateless_twin(observation.model, train_mode=train_mode), list(self.goal))
+
+    def from_statistics(self, seen: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor:
+        """The prior's value from each layer's measured (mean, biased variance) of its input."""
         return sum(
             torch.linalg.vector_norm(seen[k][0] - m) + torch.linalg.vector_norm(seen[k][1] - v)
-            for k, (m, v) in goal.items()
+            for k, (m, v) in self.goal.items()
         )
 
-    return prior
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.from_statistics(self._stats(self._params, self._buffers, x))
 
 
 def label_prior(observation: Observation, labels: Tensor) -> Prior:
@@ -135,13 +149,26 @@ def build_priors(observation: Observation, labels: Tensor, weights: Mapping[str,
     return combine_priors(*parts)
 
 
+class WeightedPriors:
+    """A weighted sum of priors, its ``parts`` kept (weight, prior) so that a replay can take some of them over
+    (:class:`BatchNormPrior`)."""
+
+    def __init__(self, parts: tuple[tuple[float, Prior], ...]) -> None:
+        self.parts = parts
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return sum(w * p(x) for w, p in self.parts)
+
+
 def combine_priors(*parts: tuple[float, Prior | None]) -> Prior | None:
-    """The weighted sum of the priors that exist and have a non-zero weight, or None."""
-    kept = [(w, p) for w, p in parts if w and p is not None]
-    if not kept:
-        return None
-
-    def prior(x: Tensor) -> Tensor:
-        return sum(w * p(x) for w, p in kept)
-
-    return prior
+    """The weighted sum of the priors that exist and have a non-zero weight (a :class:`WeightedPriors`, nested
+    sums flattened), or None."""
+    kept: list[tuple[float, Prior]] = []
+    for w, p in parts:
+        if not w or p is None:
+            continue
+        if isinstance(p, WeightedPriors):
+            kept += [(w * inner_w, inner) for inner_w, inner in p.parts]
+        else:
+            kept.append((w, p))
+    return WeightedPriors(tuple(kept)) if kept else None
