@@ -455,3 +455,27 @@ def test_token_stream_closes_every_sentence():
     tok = bundled_tokenizer(64)
     stream = token_stream(["the object.", "a name"], tok)
     assert int((stream == tok.eos_id).sum()) == 2 and int(stream[-1]) == tok.eos_id
+
+
+def test_token_search_never_scores_higher_and_keeps_the_leaked_tokens():
+    """LAMP's token-level discrete search (token_rounds): greedy on the given score, every pool token kept."""
+    from gradinv.attacks.lamp import token_search
+
+    truth = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    pool = torch.unique(truth)
+
+    def score_many(cands):
+        return [float((c != truth).sum()) for c in cands]
+
+    start = truth[:, torch.tensor([4, 3, 2, 1, 0])].clone()
+    ids, record = token_search(
+        start,
+        score_many=score_many,
+        positions=5,
+        candidates=30,
+        rounds=30,
+        pool=pool,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert score_many([ids])[0] <= score_many([start])[0]
+    assert record["token_gain"] >= 0 and bool(torch.isin(pool, ids).all())
