@@ -18,6 +18,7 @@ Writes OUT/gradinversion.{json,md} (default OUT: bench/results). Usage:
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -92,23 +93,14 @@ def main() -> None:
     unknown = sorted(set(names) - set(variants))
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
+    client = functools.partial(
+        case, trained_steps=steps, batch=batch, data=args.data, train_mode=args.train_mode, known_bn=args.known_bn
+    )
     for known in modes:
         for seed in range(args.first_seed, args.first_seed + samples):
             for name in names:
                 attack, settings = variants[name]
-                cell = Cell(
-                    case(
-                        seed,
-                        known_labels=known,
-                        trained_steps=steps,
-                        batch=batch,
-                        data=args.data,
-                        train_mode=args.train_mode,
-                        known_bn=args.known_bn,
-                    ),
-                    attack,
-                    (limit, *settings),
-                )
+                cell = Cell(client(seed, known_labels=known), attack, (limit, *settings))
                 r = run_cell(cell, cache=cache, raise_errors=True).record
                 details = r.details or {}
                 rows.append(
@@ -173,14 +165,7 @@ def main() -> None:
                 f"{item['mean_iterations']:.0f} | " + ", ".join(f"{v:.2f}" for v in psnr) + " |"
             )
     payload = {
-        "case": case(
-            0,
-            known_labels=False,
-            trained_steps=steps,
-            batch=batch,
-            train_mode=args.train_mode,
-            known_bn=args.known_bn,
-        ).to_dict(),
+        "case": client(0, known_labels=False).to_dict(),
         "budget_seconds": None if args.iterations else budget,
         "iterations": args.iterations or None,
         "data": args.data,

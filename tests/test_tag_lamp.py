@@ -477,5 +477,6 @@ def test_token_search_never_scores_higher_and_keeps_the_leaked_tokens():
         pool=pool,
         generator=torch.Generator().manual_seed(0),
     )
-    assert score_many([ids])[0] <= score_many([start])[0]
-    assert record["token_gain"] >= 0 and bool(torch.isin(pool, ids).all())
+    assert score_many([ids])[0] < score_many([start])[0]  # reordering moves towards the truth
+    assert record["token_gain"] == score_many([start])[0] - score_many([ids])[0]
+    assert bool(torch.isin(pool, ids).all())

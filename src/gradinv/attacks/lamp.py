@@ -90,7 +90,9 @@ class LampSettings:
     alpha_lm and alpha_reg (None: the paper's for the objective); ``lr``, ``lr_decay`` every ``decay_every`` steps;
     ``discrete_every``, ``burn_in`` (fraction of the steps before the first discrete step), ``candidates`` per
     sequence and discrete step, ``init_candidates``; ``label_method``: where unknown classifier labels come from
-    (``auto`` or a label method, or ``optimise`` them jointly); the rest as TAG's."""
+    (``auto`` or a label method, or ``optimise`` them jointly); ``token_rounds``: rounds of discrete steps on the
+    decoded token ids after the search (:func:`token_search`, an addition to the paper; 0: off); the rest as
+    TAG's."""
 
     iterations: int = 400
     lr: float = 0.05
@@ -436,16 +438,20 @@ class Lamp(Attack):
                     value += lm_weight * float(prior_loss(prior, setup.decode(st, metric=s.decode)))
             return value
 
+        def with_prior(values: Tensor, ids: list[Tensor]) -> list[float]:
+            """Gradient distances of candidates plus alpha_lm * the prior's log-perplexity of their token ids (all
+            candidates in one forward pass)."""
+            if prior is not None:
+                with torch.no_grad():
+                    values = values + lm_weight * prior_losses(prior, torch.stack(ids))
+            return [float(v) for v in values]
+
         def combined_many(states: list[TextState]) -> list[float]:
             """:func:`combined` of many candidates: the gradients one by one (``vmap`` over the candidates measured
-            slower on a CPU for GPT2Tiny of width 128), the prior on all of them in one forward pass."""
+            slower on a CPU for GPT2Tiny of width 128), the prior on all of them at once."""
             with torch.enable_grad():
                 values = torch.stack([distance(st, create_graph=False).detach() for st in states])
-            if prior is not None:
-                ids = torch.stack([setup.decode(st, metric=s.decode) for st in states])
-                with torch.no_grad():
-                    values = values + lm_weight * prior_losses(prior, ids)
-            return [float(v) for v in values]
+            return with_prior(values, [setup.decode(st, metric=s.decode) for st in states])
 
         state = self._initial_state(setup, distance, norm=norm, positions=positions, generator=generator)
 
@@ -515,10 +521,7 @@ class Lamp(Attack):
                             for c in candidates
                         ]
                     )
-                if prior is not None:
-                    with torch.no_grad():
-                        values = values + lm_weight * prior_losses(prior, torch.stack(candidates))
-                return [float(v) for v in values]
+                return with_prior(values, candidates)
 
             pool = None if setup.allowed is None else torch.nonzero(setup.allowed).flatten()
             ids, searched = token_search(
