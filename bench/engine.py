@@ -5,7 +5,7 @@ engine step of Inverting Gradients' cost (cosine matching + TV, then its gradien
 batches) is timed two ways: ``func`` (``torch.func.vmap(grad_and_value(cost))`` over the restarts, double
 back-propagation through ``torch.func.grad``) and ``autograd`` (plain ``torch.autograd.grad(create_graph=True)``
 on a functional call, restarts one after another). The forward pass alone and one first-order gradient are
-timed as the floor. The engine's ``differentiation="auto"`` uses autograd for one restart and vmap otherwise;
+timed as the floor. The engine's ``differentiation="auto"`` uses autograd for one restart, and on a CPU for any number;
 this table is the measurement behind that choice. Median of ``--repeats`` calls after a warm-up.
 Writes OUT/engine.{md,json} (default OUT: bench/results).
 Usage: python bench/engine.py [--models convnet,resnet18] [--restarts 1,8] [--batch-sizes 1] [--threads 2]
@@ -17,6 +17,7 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 
 from _common import median_seconds, parser, photo_case, setup, write_results
+from gradinv.attacks.components.engine import MatchingSettings, use_autograd
 from gradinv.attacks.components.objectives import cosine
 from gradinv.attacks.components.priors import total_variation
 from gradinv.attacks.components.replay import matching_cost
@@ -61,7 +62,7 @@ def timings(model: str, batch: int, restarts: int, repeats: int) -> dict:
         ("autograd", step_autograd),
     ):
         row[name] = median_seconds(fn, repeats=repeats)
-    row["auto_picks"] = "autograd" if restarts == 1 else "func"
+    row["auto_picks"] = "autograd" if use_autograd(MatchingSettings(), restarts, torch.device("cpu")) else "func"
     return row
 
 

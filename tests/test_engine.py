@@ -175,3 +175,54 @@ def test_patience_and_time_budget_reach_the_attacks(digits32):
     r = build_attack("dlg", iterations=5000, time_budget=0.5).reconstruct(obs)
     # the budget is checked after every L-BFGS step (up to 20 inner iterations), long before the 5,000 steps
     assert r.extras["stopped"] in ("time_budget", "converged") and r.extras["lbfgs_iterations"] < 5000 * 20 // 10
+
+
+def test_lbfgs_refines_in_float64_where_float32_cannot_resolve_a_decrease():
+    """A least-squares cost whose float32 residuals are multiples of ~1e-3 (they pass through 1e4): float32 stalls
+    within ~1e-3 of the minimum, and refining continues in float64 from the same point."""
+    import time
+
+    from gradinv.attacks.components.lbfgs import lbfgs_match
+
+    a = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 4.0]], dtype=torch.float64)
+    b = torch.tensor([1 / 3, 1 / 7, 1 / 11], dtype=torch.float64)
+    solution = torch.linalg.solve(a, b)
+
+    def cost(x, _y):
+        return ((a.to(x.dtype) @ x + 1e4) - (b + 1e4).to(x.dtype)).pow(2).sum() + 1  # never 0: no early stop
+
+    def run(refine):
+        x, _, value, _, counts = lbfgs_match(
+            cost,
+            torch.zeros(3),
+            None,
+            iterations=30,
+            inner_iterations=20,
+            lr=1.0,
+            history_size=10,
+            line_search="strong_wolfe",
+            log_every=10,
+            desc="t",
+            progress=False,
+            callback=None,
+            start=time.perf_counter(),
+            refine=(lambda: cost) if refine else None,
+        )
+        return x, counts
+
+    coarse, counts = run(False)
+    assert counts["refined_at"] is None and float((coarse - solution).abs().max()) > 1e-5
+    fine, counts = run(True)
+    assert counts["refined_at"] is not None and fine.dtype == torch.float32
+    assert float((fine - solution).abs().max()) < 1e-6
+
+
+def test_observation_in_precision_casts_floats_and_leaves_the_original(digits32):
+    model = build_model("convnet", num_classes=10, width=8)
+    _, obs = _obs(digits32, model, threat=ThreatModel(known_bn_statistics=True))
+    wide = obs.in_precision(torch.float64)
+    assert all(v.dtype == torch.float64 for v in (*wide.update.values(), *wide.parameters.values()))
+    assert next(wide.model.parameters()).dtype == torch.float64 and next(obs.model.parameters()).dtype == torch.float32
+    assert all(m.dtype == torch.float64 for m, _ in wide.knowledge.bn_statistics.values())
+    assert all(v.dtype == torch.float32 for v in obs.update.values())
+    assert wide.knowledge.num_samples == obs.knowledge.num_samples

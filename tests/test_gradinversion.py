@@ -182,3 +182,15 @@ def test_restarts_are_registered_every_register_every_iterations(digits16, monke
     assert len(calls) == 7 + 1
     with pytest.raises(ConfigError, match="register_every"):
         build_attack("gradinversion", register_every=0)
+
+
+def test_gradinversion_weighs_the_batchnorm_prior_by_what_the_statistics_are(digits16):
+    """GradAttack's weights: 0.005 against the client batch's own statistics, 0.001 against running ones."""
+    known = _scenario(digits16, _convnet(), train_mode=True, threat=ThreatModel(known_bn_statistics=True)).observe()
+    plain = _scenario(digits16, _convnet()).observe()
+    quick = {"iterations": 2, "restarts": 2}
+    assert build_attack("gradinversion", **quick).reconstruct(known).settings["bn"] == 0.005
+    rec = build_attack("gradinversion", **quick).reconstruct(plain)
+    assert rec.settings["bn"] == 0.001 and rec.extras["bn_prior"] == "on"
+    rec = build_attack("gradinversion", bn=0.0, **quick).reconstruct(known)
+    assert rec.settings["bn"] == 0.0 and rec.extras["bn_prior"] == "off"

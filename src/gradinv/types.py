@@ -9,9 +9,10 @@ in :class:`GroundTruth`, which attacks never receive (``Attack.reconstruct`` rej
 
 from __future__ import annotations
 
+import copy
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -193,6 +194,26 @@ class Observation:
     def device(self) -> torch.device:
         """Where the observed update lives (attacks run their tensors there: a GPU when the update is on one)."""
         return next(iter(self.update.values())).device
+
+    def in_precision(self, dtype: torch.dtype) -> Observation:
+        """A copy whose model, parameters, buffers, update and BatchNorm statistics hold their floating-point
+        values in ``dtype`` (e.g. ``torch.float64`` to refine a reconstruction below float32's resolution)."""
+
+        def cast(t: Tensor) -> Tensor:
+            return t.to(dtype) if t.is_floating_point() else t
+
+        stats = self.knowledge.bn_statistics
+        return replace(
+            self,
+            model=copy.deepcopy(self.model).to(dtype),
+            parameters={k: cast(v) for k, v in self.parameters.items()},
+            buffers={k: cast(v) for k, v in self.buffers.items()},
+            update={k: cast(v) for k, v in self.update.items()},
+            knowledge=replace(
+                self.knowledge,
+                bn_statistics=None if stats is None else {k: (cast(m), cast(v)) for k, (m, v) in stats.items()},
+            ),
+        )
 
     def with_knowledge(self, **changes: Any) -> Observation:
         """A copy whose knowledge has ``changes`` applied (e.g. labels recovered by a label attack)."""

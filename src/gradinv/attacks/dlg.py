@@ -10,6 +10,7 @@ whatever it optimises together); the lowest final matching cost wins.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,10 @@ from gradinv.types import Observation
 @dataclass(frozen=True)
 class LBFGSMatchingSettings:
     """DLG's settings: 300 L-BFGS steps (each up to 20 inner iterations, torch's default used by DLG's code),
-    lr 1, Euclidean distance."""
+    lr 1, Euclidean distance. ``refine``: when a float32 step makes no progress (the line search finds no decrease
+    at float32's resolution: on LeNet, at a matching cost ~3e-6 of an update of squared norm ~900, about 57 dB),
+    the remaining steps run in float64 (:func:`~gradinv.attacks.components.lbfgs.lbfgs_match`), an addition to
+    the paper."""
 
     iterations: int = 300
     inner_iterations: int = 20
@@ -46,6 +50,7 @@ class LBFGSMatchingSettings:
     min_improvement: float = 1e-4
     #: stop after this many seconds (all restarts together); 0: no budget
     time_budget: float = 0.0
+    refine: bool = True
 
     def problems(self) -> list[str]:
         return [
@@ -95,8 +100,22 @@ class _LBFGSAttack(Attack):
         def cost(x: Tensor, y: Tensor | None) -> Tensor:
             return match(x, labels if y is None else torch.softmax(y, dim=-1))
 
+        def refined() -> Callable[[Tensor, Tensor | None], Tensor]:
+            """The same cost on a float64 copy of the observation (built once, at the first stall)."""
+            if "cost" not in cache:
+                exact = matching_cost(
+                    observation.in_precision(torch.float64), objective=OBJECTIVES[s.objective], adaptive=s.adaptive
+                )
+                cache["cost"] = lambda x, y: exact(x, labels if y is None else torch.softmax(y, dim=-1))
+            return cache["cost"]
+
+        cache: dict[str, Callable[[Tensor, Tensor | None], Tensor]] = {}
+        # after a line search (without one a step may rise); MPS has no float64
+        can_refine = s.refine and s.line_search is not None and observation.device.type != "mps"
+
         best = None
         restart_costs = []
+        refined_at: list[int | None] = []
         trace = []
         counts = {"lbfgs_iterations": 0, "evaluations": 0}
         stopped = "iterations"
@@ -124,8 +143,10 @@ class _LBFGSAttack(Attack):
                 patience=s.patience,
                 min_improvement=s.min_improvement,
                 deadline=deadline,
+                refine=refined if can_refine else None,
             )
             stopped = run_counts["stopped"]
+            refined_at.append(run_counts["refined_at"])
             restart_costs.append(value)
             counts = {k: counts[k] + run_counts[k] for k in counts}
             trace.extend(run_trace)
@@ -138,7 +159,13 @@ class _LBFGSAttack(Attack):
             labels=out_labels,
             label_source=label_source,
             trace=tuple(trace),
-            extras={"restart_costs": restart_costs, "best_restart": best_restart, "stopped": stopped, **counts},
+            extras={
+                "restart_costs": restart_costs,
+                "best_restart": best_restart,
+                "stopped": stopped,
+                "refined_at": refined_at,
+                **counts,
+            },
         )
 
 

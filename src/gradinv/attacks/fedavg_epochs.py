@@ -233,7 +233,8 @@ class FedAvgEpochs(GradientMatchingAttack):
         x0 = self._initial(observation, shape, generator).to(observation.device)
         build = functools.partial(self._cost, observation, labels=labels, epochs=epochs)
         cost = build()
-        autograd_cost = build(autograd=True) if use_autograd(s, s.restarts) and s.optimizer != "lbfgs" else None
+        loop = use_autograd(s, s.restarts, observation.device) and s.optimizer != "lbfgs"
+        autograd_cost = build(autograd=True) if loop else None
         result = optimise(
             cost,
             x0,

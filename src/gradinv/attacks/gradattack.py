@@ -36,13 +36,18 @@ from gradinv._settings import one_of
 from gradinv.attacks.base import register_attack
 from gradinv.attacks.components.engine import MatchingSettings
 from gradinv.attacks.components.priors import Prior, build_priors, combine_priors
-from gradinv.attacks.gradinversion import batchnorm_prior, running_statistics
+from gradinv.attacks.gradinversion import BN_WEIGHT_EXACT, BN_WEIGHT_RUNNING, batchnorm_prior, running_statistics
 from gradinv.attacks.matching import GradientMatchingAttack
 from gradinv.types import Observation
 
 BN_STATISTICS = ("auto", "exact", "infer", "running", "none")
 #: the paper's (tv, bn) weights by what the attacker knows of the BatchNorm statistics (GradAttack's scripts)
-PAPER_WEIGHTS = {"exact": (0.1, 0.005), "infer": (0.05, 0.001), "running": (0.05, 0.001), "none": (0.05, 0.0)}
+PAPER_WEIGHTS = {
+    "exact": (0.1, BN_WEIGHT_EXACT),
+    "infer": (0.05, BN_WEIGHT_RUNNING),
+    "running": (0.05, BN_WEIGHT_RUNNING),
+    "none": (0.05, 0.0),
+}
 
 
 @dataclass(frozen=True)

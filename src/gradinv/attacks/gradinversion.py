@@ -35,6 +35,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -227,6 +228,12 @@ def mean_consensus(x: Tensor) -> Registration:
 # -- the preset -----------------------------------------------------------------------------------------------------
 
 
+#: the BatchNorm prior's weight with the cosine objective, by what the statistics are (GradAttack's scripts, Huang
+#: et al. 2021): the client batch's own ("BN_exact") or the model's running statistics
+BN_WEIGHT_EXACT = 5e-3
+BN_WEIGHT_RUNNING = 1e-3
+
+
 @dataclass(frozen=True)
 class GradInversionSettings(MatchingSettings):
     """The paper's optimiser and priors; the matching distance and the weights are where this preset deviates.
@@ -237,9 +244,10 @@ class GradInversionSettings(MatchingSettings):
     report scores): the Euclidean distance stalls at the trivial "zero update" on trained models (relative error
     ~1, below a grey image's PSNR after 2,000 iterations), so the default distance is the cosine (Geiping et al.
     2020) and Eq. 4 stays available (``objective="layer_euclidean"`` or ``"euclidean"``, made scale-free by
-    ``relative``); TV 0.05 and BN 0.001 are GradAttack's weights for this objective (Huang et al. 2021); 4,000
-    iterations for 32 px images; 4 restarts; group 0.01 on the engine's squared group term; registration by
-    translations instead of RANSAC-flow.
+    ``relative``); TV 0.05 and BN as GradAttack weighs it for this objective (Huang et al. 2021): ``bn`` None
+    takes :data:`BN_WEIGHT_EXACT` (0.005) when the threat model gives the client batch's own statistics, else
+    :data:`BN_WEIGHT_RUNNING` (0.001, against the running statistics); 4,000 iterations for 32 px images; 4
+    restarts; group 0.01 on the engine's squared group term; registration by translations instead of RANSAC-flow.
     """
 
     iterations: int = 4000
@@ -248,7 +256,7 @@ class GradInversionSettings(MatchingSettings):
     objective: str = "cosine"
     tv: float = 5e-2
     l2: float = 1e-4
-    bn: float = 1e-3
+    bn: float | None = None
     group: float = 1e-2
     optimizer: str = "adam"
     lr: float = 0.1
@@ -270,7 +278,7 @@ class GradInversionSettings(MatchingSettings):
 
     def problems(self) -> list[str]:
         # the objective is checked here, against the engine's and Eq. 4's
-        base = dataclasses.replace(self, objective="euclidean")
+        base = dataclasses.replace(self, objective="euclidean", bn=self.bn or 0.0)
         return [
             *MatchingSettings.problems(base),
             *one_of("objective", self.objective, sorted(OBJECTIVE_CHOICES)),
@@ -337,10 +345,21 @@ class GradInversion(GradientMatchingAttack):
         when the threat model gives them, else the running statistics)."""
         return batchnorm_prior(observation, bn_targets(observation))
 
+    def bn_weight(self, observation: Observation) -> float:
+        """The BatchNorm prior's weight on ``observation`` (``bn`` None: by what the statistics are, see the
+        settings)."""
+        if self.settings.bn is not None:
+            return self.settings.bn
+        return BN_WEIGHT_EXACT if observation.knowledge.bn_statistics is not None else BN_WEIGHT_RUNNING
+
     def _prior(self, observation: Observation, labels: Tensor) -> Prior | None:
         s = self.settings
+        bn = self.bn_weight(observation)
         others = build_priors(observation, labels, {"tv": s.tv, "l2": s.l2, "label": s.label})
-        return combine_priors((1.0, others), (s.bn, self._bn_prior(observation) if s.bn else None))
+        return combine_priors((1.0, others), (bn, self._bn_prior(observation) if bn else None))
+
+    def _resolved(self, observation: Observation) -> dict[str, Any]:
+        return {"bn": self.bn_weight(observation)}
 
     def _register(self, x: Tensor, groups: list[Tensor], reference: int) -> Registration:
         if self.settings.registration == "none":
@@ -394,8 +413,9 @@ class GradInversion(GradientMatchingAttack):
                 "shifts": registration.shifts.tolist(),
                 "iterations_run": result.iterations_run,
                 "stopped": result.stopped,
-                "bn_prior": "on" if s.bn and self._has_batchnorm(observation) else "off",
+                "bn_prior": "on" if self.bn_weight(observation) and self._has_batchnorm(observation) else "off",
             },
+            settings=self._resolved(observation),
         )
 
     @staticmethod
@@ -404,6 +424,8 @@ class GradInversion(GradientMatchingAttack):
 
 
 __all__ = [
+    "BN_WEIGHT_EXACT",
+    "BN_WEIGHT_RUNNING",
     "GradInversion",
     "GradInversionSettings",
     "Registration",

@@ -37,7 +37,12 @@ untrained models at batch 1 (gpt2-tiny: 0.90 vs 1.00), so it stays on; decoding 
 (bench/results/text_attacks.md: ROUGE-1 at batch 1 0.92-0.98 where nearest decoding gave 0.29-0.90); ``n_E`` is
 the mean norm of the leaked tokens' rows when the restriction applies (of all rows otherwise). Classifier labels:
 the threat model's, else recovered by ``label_method`` (the paper assumes them known, recoverable from the
-classifier's gradient), or optimised jointly (``label_method="optimise"``).
+classifier's gradient), or optimised jointly (``label_method="optimise"``). After the search, ``token_rounds``
+(default 20) rounds of greedy discrete steps run on the decoded token ids themselves (:func:`token_search`:
+reorderings, exchanges between sequences, replacements by leaked tokens, each scored by the exact gradient distance
+of the tokens' own embeddings plus alpha_lm times the prior's log-perplexity): on training sentences (not the
+held-out ones the bench scores), ROUGE-2 rose in all five cells tried (e.g. trained gpt2-tiny, batch 1: 0.20 to
+0.48; trained bert-tiny, batch 4: 0.02 to 0.08) and ROUGE-1 fell in none.
 
 Threat model: honest-but-curious server, one client's FedSGD gradient of its mean loss, ``B`` and ``L`` known (no
 padding), the model's parameters, an auxiliary language model over the model's vocabulary.
@@ -113,7 +118,7 @@ class LampSettings:
     label_method: str = "auto"
     log_every: int = 50
     time_budget: float = 0.0
-    token_rounds: int = 0
+    token_rounds: int = 20
 
     def problems(self) -> list[str]:
         return [
@@ -266,7 +271,7 @@ def token_candidates(
         else:
             order = torch.tensor(reorder(positions, kind, generator), dtype=torch.long, device=ids.device)
             new[row, :positions] = ids[row, order]
-        if pool is not None and not bool(torch.isin(pool, new[:, :covered]).all()):
+        if pool is not None and not bool(torch.isin(pool, new[:, :covered].reshape(-1)).all()):
             continue
         key = tuple(new[row].tolist())
         if kind == "exchange" or key not in seen:
@@ -285,16 +290,20 @@ def token_search(
     pool: Tensor | None,
     generator: torch.Generator,
     covered: int | None = None,
+    deadline: float | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Discrete steps on the decoded token ids themselves (an addition to LAMP, whose discrete steps reorder
     continuous embeddings): each round, for every sequence in turn, ``candidates`` neighbours
     (:func:`token_candidates`) are scored by ``score_many`` (the gradient distance of the tokens' own embeddings
     plus alpha_lm times the prior's log-perplexity) and the best replaces the current ids if it scores lower.
-    Stops after ``rounds`` rounds or a round without a change. Greedy: the returned ids never score higher."""
+    Stops after ``rounds`` rounds, a round without a change, or at ``deadline`` (a ``time.perf_counter()`` value,
+    checked before each round). Greedy: the returned ids never score higher."""
     current = ids.clone()
     best = score_many([current])[0]
     first, changes, ran = best, 0, 0
     for _ in range(rounds):
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
         ran += 1
         changed = False
         for row in range(current.shape[0]):
@@ -533,6 +542,7 @@ class Lamp(Attack):
                 pool=pool,
                 generator=generator,
                 covered=setup.length - 1 if task == "language_model" else setup.length,
+                deadline=start + s.time_budget if s.time_budget else None,
             )
             record.update(searched)
         extras = {

@@ -105,7 +105,7 @@ class GradientMatchingAttack(Attack):
         )
         cost = build()
         autograd_cost = None
-        if use_autograd(s, s.restarts) and s.optimizer != "lbfgs":
+        if use_autograd(s, s.restarts, observation.device) and s.optimizer != "lbfgs":
             with_autograd = build(autograd=True)
             autograd_cost = lambda x: with_autograd(x, labels)  # noqa: E731
         bounds = box_bounds(observation, shape) if s.boxed else None

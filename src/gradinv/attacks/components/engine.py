@@ -6,8 +6,9 @@ objective with layer weights (:mod:`.objectives`), priors (:mod:`.priors`), an o
 overridden from Python (``build_attack("invgrad", tv=1e-3)``) and with ``--attack-option tv=1e-3``.
 
 :func:`optimise` runs the restarts batched: one ``torch.func.vmap`` over restarts of ``grad_and_value(cost)``,
-or, for a single restart, plain ``torch.autograd`` double back-propagation, which skips the transform wrappers
-and is the faster of the two there (``differentiation="auto"`` picks; measured in ``bench/engine.py``). It logs a
+or plain ``torch.autograd`` double back-propagation, restarts one by one, which skips the transform wrappers
+and is the faster of the two for one restart, and on a CPU for several (``differentiation="auto"`` picks, see
+:func:`use_autograd`; measured in ``bench/engine.py``). It logs a
 trace, stops early when the best cost stalls for ``patience`` iterations and at a wall-clock ``time_budget``.
 """
 
@@ -71,7 +72,7 @@ class MatchingSettings:
     log_every: int = 50
     #: match only the entries a pruning defense sent (see ``replay.matching_cost``)
     adaptive: bool = True
-    #: ``func`` (vmap over restarts), ``autograd`` (restarts one by one), ``auto`` (autograd for one restart)
+    #: ``func`` (vmap over restarts), ``autograd`` (restarts one by one), ``auto`` (see :func:`use_autograd`)
     differentiation: str = "auto"
     #: L-BFGS only: inner iterations per step and history
     inner_iterations: int = 20
@@ -136,10 +137,14 @@ class _Stall:
         return self.since >= self.patience
 
 
-def use_autograd(settings: MatchingSettings, restarts: int) -> bool:
-    """Whether the engine differentiates with plain autograd (restarts one by one) rather than ``vmap``."""
+def use_autograd(settings: MatchingSettings, restarts: int, device: torch.device | None = None) -> bool:
+    """Whether the engine differentiates with plain autograd (restarts one by one) rather than ``vmap``.
+
+    ``auto``: autograd for one restart, and on a CPU for any number (``bench/results/engine.md``, 4 restarts, 2
+    threads: the loop took 0.47-0.51x vmap's time at batch 8 on ConvNet-64 and ResNet-18, 0.80-1.15x at batch 1);
+    vmap for several restarts on an accelerator (not measured here)."""
     if settings.differentiation == "auto":
-        return restarts == 1
+        return restarts == 1 or device is None or device.type == "cpu"
     return settings.differentiation == "autograd"
 
 
@@ -174,7 +179,7 @@ def optimise(
     x = x0.clone().requires_grad_(True)
     optimizer = make_optimizer(s.optimizer, [x], lr=s.lr)
     scheduler = make_scheduler(optimizer, s.schedule, s.iterations, warmup=s.warmup)
-    step = _gradient(cost, autograd_cost if use_autograd(s, restarts) else None, restarts)
+    step = _gradient(cost, autograd_cost if use_autograd(s, restarts, x0.device) else None, restarts)
     coupling = coupling or (lambda x, _values: group_gradient(x))
     stall = _Stall(s.patience, s.min_improvement)
     trace: list[TracePoint] = []
