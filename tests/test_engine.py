@@ -226,3 +226,53 @@ def test_observation_in_precision_casts_floats_and_leaves_the_original(digits32)
     assert all(m.dtype == torch.float64 for m, _ in wide.knowledge.bn_statistics.values())
     assert all(v.dtype == torch.float32 for v in obs.update.values())
     assert wide.knowledge.num_samples == obs.knowledge.num_samples
+
+
+@pytest.mark.parametrize("line_search", ["strong_wolfe", None])
+def test_compact_lbfgs_takes_torch_lbfgs_steps(line_search):
+    """The compact representation gives the two-loop recursion's directions: in float64, the same losses, points
+    and counts as ``torch.optim.LBFGS`` over 15 steps, with a history of 10 pairs that wraps around."""
+    from gradinv.attacks.components.lbfgs import CompactLBFGS
+
+    def run(cls):
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(60, 12, generator=g, dtype=torch.float64) / 3
+        x = torch.randn(60, generator=g, dtype=torch.float64).requires_grad_(True)
+        opt = cls([x], lr=1, max_iter=20, history_size=10, line_search_fn=line_search)
+
+        def closure():
+            opt.zero_grad()
+            value = ((x @ a).sin() ** 2).sum() + 1e-2 * (x**4).sum() + 0.1 * (x**2).sum()
+            value.backward()
+            return value
+
+        losses = [float(opt.step(closure).detach()) for _ in range(15)]
+        return torch.tensor(losses), x.detach(), opt.state[x]["n_iter"], opt.state[x]["func_evals"]
+
+    ref, compact = run(torch.optim.LBFGS), run(CompactLBFGS)
+    assert ref[2] > 10  # the history wrapped
+    torch.testing.assert_close(compact[0], ref[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(compact[1], ref[1], rtol=1e-8, atol=1e-9)
+    assert compact[2:] == ref[2:]
+
+
+def test_tiny_convolutions_run_on_native_kernels_and_the_flag_is_restored(digits32):
+    """DLG's LeNet at batch 1 (0.69 million multiply-accumulates, counted on the meta device) runs without oneDNN;
+    ResNet-18 keeps it; the model is untouched and the global flag is restored after the attack."""
+    from gradinv.attacks.components.backend import NATIVE_CONV_MACS, convolution_macs, native_convolutions
+
+    lenet = build_model("lenet", num_classes=10, seed=0)
+    before = {k: v.clone() for k, v in lenet.state_dict().items()}
+    # three 12-channel 5x5 convolutions: 3->12 (16x16 out), 12->12 (8x8), 12->12 (8x8)
+    assert convolution_macs(lenet, (3, 32, 32), 1) == 12 * 16 * 16 * 3 * 25 + 2 * 12 * 8 * 8 * 12 * 25
+    assert convolution_macs(lenet, (3, 32, 32), 8) > NATIVE_CONV_MACS
+    assert convolution_macs(build_model("mlp", num_classes=10), (3, 32, 32), 1) == 0
+    assert all(torch.equal(v, lenet.state_dict()[k]) for k, v in before.items())
+    assert not list(lenet.modules())[1]._forward_hooks
+    _, obs = _obs(digits32, lenet)
+    _, big = _obs(digits32, build_model("resnet18", num_classes=10))
+    assert native_convolutions(obs) and not native_convolutions(big)
+    seen = []
+    enabled = torch.backends.mkldnn.enabled
+    build_attack("dlg", iterations=1).reconstruct(obs, callback=lambda *_: seen.append(torch.backends.mkldnn.enabled))
+    assert seen and not any(seen) and torch.backends.mkldnn.enabled == enabled

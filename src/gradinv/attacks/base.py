@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from gradinv._settings import Configurable
+from gradinv.attacks.components.backend import convolution_backend
 from gradinv.attacks.labels import label_method_problems
 from gradinv.errors import AttackError, MissingKnowledgeError
 from gradinv.registry import Registry
@@ -132,7 +133,8 @@ class Attack(Configurable, ABC):
             raise AttackError(f"{self.name} does not apply here: {'; '.join(reasons)}")
         generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
-        out = self._reconstruct(observation, generator=generator, progress=progress, callback=callback)
+        with convolution_backend(observation):
+            out = self._reconstruct(observation, generator=generator, progress=progress, callback=callback)
         seconds = time.perf_counter() - start
         return Reconstruction(
             inputs=out.inputs,

@@ -95,7 +95,8 @@ class _LBFGSAttack(Attack):
         labels, label_source = self._labels(observation)
         labels = None if labels is None else labels.to(observation.device)
         num_classes = None if labels is not None else classifier_layer(observation.model)[1].out_features
-        match = matching_cost(observation, objective=OBJECTIVES[s.objective], adaptive=s.adaptive)
+        # restarts run one after another: the replay is differentiated with plain autograd (engine.use_autograd)
+        match = matching_cost(observation, objective=OBJECTIVES[s.objective], adaptive=s.adaptive, autograd=True)
 
         def cost(x: Tensor, y: Tensor | None) -> Tensor:
             return match(x, labels if y is None else torch.softmax(y, dim=-1))
@@ -104,7 +105,10 @@ class _LBFGSAttack(Attack):
             """The same cost on a float64 copy of the observation (built once, at the first stall)."""
             if "cost" not in cache:
                 exact = matching_cost(
-                    observation.in_precision(torch.float64), objective=OBJECTIVES[s.objective], adaptive=s.adaptive
+                    observation.in_precision(torch.float64),
+                    objective=OBJECTIVES[s.objective],
+                    adaptive=s.adaptive,
+                    autograd=True,
                 )
                 cache["cost"] = lambda x, y: exact(x, labels if y is None else torch.softmax(y, dim=-1))
             return cache["cost"]

@@ -174,7 +174,11 @@ def optimise(
     s = settings
     start = time.perf_counter() if start is None else start
     if s.optimizer == "lbfgs":
-        return _lbfgs(cost, x0, settings=s, bounds=bounds, progress=progress, callback=callback, desc=desc, start=start)
+        # restarts one after another: autograd unless told otherwise (use_autograd)
+        replay = autograd_cost if autograd_cost is not None and s.differentiation != "func" else cost
+        return _lbfgs(
+            replay, x0, settings=s, bounds=bounds, progress=progress, callback=callback, desc=desc, start=start
+        )
     restarts = x0.shape[0]
     x = x0.clone().requires_grad_(True)
     optimizer = make_optimizer(s.optimizer, [x], lr=s.lr)
