@@ -8,7 +8,12 @@ on a functional call, restarts one after another). The forward pass alone and on
 timed as the floor. The engine's ``differentiation="auto"`` uses autograd for one restart, and on a CPU for any number;
 this table is the measurement behind that choice. Median of ``--repeats`` calls after a warm-up.
 Writes OUT/engine.{md,json} (default OUT: bench/results).
+
+``--backends``: instead, one L-BFGS evaluation of DLG's cost (Euclidean matching, autograd replay, gradient with
+respect to the candidate) per model and batch size, with oneDNN's convolutions and with PyTorch's native ones,
+interleaved; the measurement behind :mod:`gradinv.attacks.components.backend` (OUT/engine_backends.{md,json}).
 Usage: python bench/engine.py [--models convnet,resnet18] [--restarts 1,8] [--batch-sizes 1] [--threads 2]
+       python bench/engine.py --backends [--models lenet,cnn6,resnet20] [--batch-sizes 1,2,4,8]
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 
 from _common import median_seconds, parser, photo_case, setup, write_results
+from gradinv.attacks.components.backend import NATIVE_CONV_MACS, convolution_macs
 from gradinv.attacks.components.engine import MatchingSettings, use_autograd
-from gradinv.attacks.components.objectives import cosine
+from gradinv.attacks.components.objectives import cosine, euclidean
 from gradinv.attacks.components.priors import total_variation
 from gradinv.attacks.components.replay import matching_cost
 from gradinv.fl.functional import stateless_twin
@@ -66,16 +72,72 @@ def timings(model: str, batch: int, restarts: int, repeats: int) -> dict:
     return row
 
 
+def backend_timings(model: str, batch: int, repeats: int) -> dict:
+    """One DLG-style evaluation (Euclidean matching, autograd replay, gradient w.r.t. the candidate) with oneDNN's
+    convolutions and with PyTorch's native ones, alternating, ``repeats`` medians each."""
+    _, sc = photo_case(model=model)
+    obs = sc.observe()
+    labels = torch.arange(batch) % 10
+    cost = matching_cost(obs, objective=euclidean, autograd=True)
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+
+    def evaluate() -> None:
+        torch.autograd.grad(cost(x, labels), x)
+
+    times: dict[bool, list[float]] = {True: [], False: []}
+    enabled = torch.backends.mkldnn.enabled
+    try:
+        for _ in range(3):
+            for onednn in (True, False):
+                torch.backends.mkldnn.enabled = onednn
+                times[onednn].append(median_seconds(evaluate, repeats=repeats))
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+    macs = convolution_macs(obs.model, (3, 32, 32), batch)
+    onednn, native = min(times[True]), min(times[False])
+    return {
+        "model": model,
+        "batch": batch,
+        "macs": macs,
+        "onednn": onednn,
+        "native": native,
+        "picks": "native" if macs is not None and 0 < macs <= NATIVE_CONV_MACS else "onednn",
+    }
+
+
+def backends(args, run) -> None:
+    rows = [
+        backend_timings(m, int(b), args.repeats) for m in args.models.split(",") for b in args.batch_sizes.split(",")
+    ]
+    lines = [
+        f"Seconds per DLG evaluation (Euclidean matching, autograd replay, gradient w.r.t. the candidate), oneDNN vs "
+        f"PyTorch's native CPU convolutions, best of 3 alternating medians of {args.repeats}, {run['threads']} "
+        f"threads; gradinv runs native kernels up to {NATIVE_CONV_MACS:,} multiply-accumulates per forward pass",
+        "",
+        "| model | batch | conv MACs | oneDNN | native | native / oneDNN | gradinv picks |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['macs']:,} | {r['onednn']:.5f} | {r['native']:.5f} | "
+            f"{r['native'] / r['onednn']:.2f} | {r['picks']} |"
+        )
+    write_results(args.out, "engine_backends", run, {"rows": rows}, "\n".join(lines))
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--models", default="convnet,resnet18")
     p.add_argument("--restarts", default="1,8")
     p.add_argument("--batch-sizes", default="1")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--backends", action="store_true", help="time oneDNN vs native convolutions instead")
     args = p.parse_args()
     run = setup(args)
     if args.quick:
         args.models, args.restarts, args.repeats = "convnet", "1,2", 1
+    if args.backends:
+        return backends(args, run)
     rows = [
         timings(m, int(b), int(r), args.repeats)
         for m in args.models.split(",")

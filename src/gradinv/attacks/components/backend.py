@@ -1,13 +1,13 @@
 """Which CPU convolution kernels an attack runs on.
 
 PyTorch runs a CPU convolution through oneDNN (``mkldnn``) when it is available. For very small convolutions its
-fixed cost per call outweighs its speed: on DLG's LeNet (three 12-channel 5x5 convolutions on a 32x32 photo, 0.7
-million multiply-accumulates per forward pass at batch 1) one gradient-matching evaluation (forward, double
-backward) took 0.70-0.91x as long with PyTorch's native kernels, about equal at 2.8 million (LeNet, batch 4; the
-6-layer CNN, batch 1: 4.7 million) and 1.3-3x longer from there on (LeNet at batch 8, ConvNet-64, ResNet-18,
-ResNet-20; 2 threads, ``python bench/engine.py --backends``). :func:`convolution_backend` therefore switches
-oneDNN off while an attack runs on a CPU when one forward pass of the client's batch costs at most
-:data:`NATIVE_CONV_MACS` multiply-accumulates in convolutions.
+fixed cost per call outweighs its speed. One DLG evaluation (forward, replayed gradient, its gradient with respect to
+the candidate; ``python bench/engine.py --backends``, 2 threads, bench/results/engine_backends.md) took, with
+PyTorch's native kernels instead, 0.63x as long on DLG's LeNet at batch 1 (three 12-channel 5x5 convolutions, 0.69
+million multiply-accumulates per forward pass) and 0.62x at batch 2, 1.01x at batch 4 (2.8 million), and 1.1-2.1x
+from there on (LeNet at batch 8, the 6-layer CNN from 4.7 million, ResNet-20). :func:`convolution_backend`
+therefore switches oneDNN off while an attack runs on a CPU when one forward pass of the client's batch costs at
+most :data:`NATIVE_CONV_MACS` multiply-accumulates in convolutions.
 """
 
 from __future__ import annotations
