@@ -105,23 +105,28 @@ def backend_timings(model: str, batch: int, repeats: int) -> dict:
     }
 
 
+def markdown(title: str, header: list[str], cells: list[list[object]]) -> list[str]:
+    """The title, a blank line and a Markdown table."""
+    rows = [header, ["---"] * len(header), *cells]
+    return [title, "", *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
 def backends(args, run) -> None:
     rows = [
         backend_timings(m, int(b), args.repeats) for m in args.models.split(",") for b in args.batch_sizes.split(",")
     ]
-    lines = [
+    title = (
         f"Seconds per DLG evaluation (Euclidean matching, autograd replay, gradient w.r.t. the candidate), oneDNN vs "
         f"PyTorch's native CPU convolutions, best of 3 alternating medians of {args.repeats}, {run['threads']} "
-        f"threads; gradinv runs native kernels up to {NATIVE_CONV_MACS:,} multiply-accumulates per forward pass",
-        "",
-        "| model | batch | conv MACs | oneDNN | native | native / oneDNN | gradinv picks |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"threads; gradinv runs native kernels up to {NATIVE_CONV_MACS:,} multiply-accumulates per forward pass"
+    )
+    header = ["model", "batch", "conv MACs", "oneDNN", "native", "native / oneDNN", "gradinv picks"]
+    cells = [
+        [r["model"], r["batch"], f"{r['macs']:,}", f"{r['onednn']:.5f}", f"{r['native']:.5f}"]
+        + [f"{r['native'] / r['onednn']:.2f}", r["picks"]]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['batch']} | {r['macs']:,} | {r['onednn']:.5f} | {r['native']:.5f} | "
-            f"{r['native'] / r['onednn']:.2f} | {r['picks']} |"
-        )
+    lines = markdown(title, header, cells)
     write_results(args.out, "engine_backends", run, {"rows": rows}, "\n".join(lines))
 
 
@@ -144,19 +149,17 @@ def main() -> None:
         for b in args.batch_sizes.split(",")
         for r in args.restarts.split(",")
     ]
-    lines = [
+    title = (
         f"Seconds per engine step (cost + gradient w.r.t. all restarts' candidates), median of {args.repeats}, "
-        f"{run['threads']} threads",
-        "",
-        "| model | batch | restarts | forward | 1st-order gradient | func (vmap) | autograd (loop) | autograd / func "
-        "| auto picks |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"{run['threads']} threads"
+    )
+    header = ["model", "batch", "restarts", "forward", "1st-order gradient", "func (vmap)", "autograd (loop)"]
+    cells = [
+        [r["model"], r["batch"], r["restarts"], *(f"{r[k]:.4f}" for k in ("forward", "gradient", "func", "autograd"))]
+        + [f"{r['autograd'] / r['func']:.2f}", r["auto_picks"]]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['batch']} | {r['restarts']} | {r['forward']:.4f} | {r['gradient']:.4f} | "
-            f"{r['func']:.4f} | {r['autograd']:.4f} | {r['autograd'] / r['func']:.2f} | {r['auto_picks']} |"
-        )
+    lines = markdown(title, [*header, "autograd / func", "auto picks"], cells)
     write_results(args.out, "engine", run, {"rows": rows}, "\n".join(lines))
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.optim.lbfgs import _strong_wolfe
+from torch.optim.lbfgs import _strong_wolfe  # torch's line search (same signature since torch 1.4)
 from tqdm.auto import tqdm
 
 from gradinv.attacks.base import Callback
