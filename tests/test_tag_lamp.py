@@ -480,3 +480,17 @@ def test_token_search_never_scores_higher_and_keeps_the_leaked_tokens():
     assert score_many([ids])[0] < score_many([start])[0]  # reordering moves towards the truth
     assert record["token_gain"] == score_many([start])[0] - score_many([ids])[0]
     assert bool(torch.isin(pool, ids).all())
+
+
+def test_token_candidates_without_exchanges_change_only_their_own_sequence():
+    """``token_exchanges=False``: every neighbour of sequence ``row`` leaves the other sequences as they are, and
+    keeps the sequence's own tokens apart from replacements by leaked tokens."""
+    from gradinv.attacks.lamp import token_candidates
+
+    ids = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3], [7, 7, 8, 2, 1]])
+    pool = torch.unique(ids)
+    gen = torch.Generator().manual_seed(0)
+    with_exchanges = token_candidates(ids, 1, count=40, positions=5, pool=pool, generator=gen)
+    assert any(not torch.equal(c[[0, 2]], ids[[0, 2]]) for c in with_exchanges)
+    cands = token_candidates(ids, 1, count=40, positions=5, pool=pool, generator=gen, exchange=False)
+    assert cands and all(torch.equal(c[[0, 2]], ids[[0, 2]]) and not torch.equal(c[1], ids[1]) for c in cands)

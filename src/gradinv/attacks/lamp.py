@@ -42,7 +42,10 @@ classifier's gradient), or optimised jointly (``label_method="optimise"``). Afte
 reorderings, exchanges between sequences, replacements by leaked tokens, each scored by the exact gradient distance
 of the tokens' own embeddings plus alpha_lm times the prior's log-perplexity): on training sentences (not the
 held-out ones the bench scores), ROUGE-2 rose in all five cells tried (e.g. trained gpt2-tiny, batch 1: 0.20 to
-0.48; trained bert-tiny, batch 4: 0.02 to 0.08) and ROUGE-1 fell in none.
+0.48; trained bert-tiny, batch 4: 0.02 to 0.08) and ROUGE-1 fell in none. Its exchanges of tokens between
+sequences (``token_exchanges``) stay on: without them, ROUGE-1 at batch 4 on training sentences (2 batches per
+cell) rose on untrained bert-tiny (0.45 to 0.56) and gpt2-tiny (0.49 to 0.52), stayed level on trained bert-tiny
+(0.34) and fell on trained gpt2-tiny (0.46 to 0.38).
 
 Threat model: honest-but-curious server, one client's FedSGD gradient of its mean loss, ``B`` and ``L`` known (no
 padding), the model's parameters, an auxiliary language model over the model's vocabulary.
@@ -96,8 +99,9 @@ class LampSettings:
     ``discrete_every``, ``burn_in`` (fraction of the steps before the first discrete step), ``candidates`` per
     sequence and discrete step, ``init_candidates``; ``label_method``: where unknown classifier labels come from
     (``auto`` or a label method, or ``optimise`` them jointly); ``token_rounds``: rounds of discrete steps on the
-    decoded token ids after the search (:func:`token_search`, an addition to the paper; 0: off); the rest as
-    TAG's."""
+    decoded token ids after the search (:func:`token_search`, an addition to the paper; 0: off);
+    ``token_exchanges``: whether its candidates include tokens exchanged between sequences (batches above one); the
+    rest as TAG's."""
 
     iterations: int = 400
     lr: float = 0.05
@@ -119,6 +123,7 @@ class LampSettings:
     log_every: int = 50
     time_budget: float = 0.0
     token_rounds: int = 20
+    token_exchanges: bool = True
 
     def problems(self) -> list[str]:
         return [
@@ -245,6 +250,7 @@ def token_candidates(
     pool: Tensor | None,
     generator: torch.Generator,
     covered: int | None = None,
+    exchange: bool = True,
 ) -> list[Tensor]:
     """Up to ``count`` distinct neighbours of the token ids ``ids`` (B, L) that change sequence ``row``: LAMP's
     reorderings (:data:`TRANSFORMS`) of its first ``positions`` tokens, and, in turn with them, a token of ``row``
@@ -252,7 +258,8 @@ def token_candidates(
     (the leaked token set, when known). With ``pool``, a neighbour must keep every token of ``pool`` somewhere in
     the first ``covered`` positions (default all) of the batch, as the leak says the batch does."""
     covered = ids.shape[1] if covered is None else covered
-    kinds = [*TRANSFORMS, *(("exchange",) if ids.shape[0] > 1 else ()), *(("replace",) if pool is not None else ())]
+    exchanges = ("exchange",) if exchange and ids.shape[0] > 1 else ()
+    kinds = [*TRANSFORMS, *exchanges, *(("replace",) if pool is not None else ())]
     out: list[Tensor] = []
     seen = {tuple(ids[row].tolist())}
     for k in range(4 * count):
@@ -291,6 +298,7 @@ def token_search(
     generator: torch.Generator,
     covered: int | None = None,
     deadline: float | None = None,
+    exchange: bool = True,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Discrete steps on the decoded token ids themselves (an addition to LAMP, whose discrete steps reorder
     continuous embeddings): each round, for every sequence in turn, ``candidates`` neighbours
@@ -308,7 +316,14 @@ def token_search(
         changed = False
         for row in range(current.shape[0]):
             pool_ids = token_candidates(
-                current, row, count=candidates, positions=positions, pool=pool, generator=generator, covered=covered
+                current,
+                row,
+                count=candidates,
+                positions=positions,
+                pool=pool,
+                generator=generator,
+                covered=covered,
+                exchange=exchange,
             )
             if not pool_ids:
                 continue
@@ -543,6 +558,7 @@ class Lamp(Attack):
                 generator=generator,
                 covered=setup.length - 1 if task == "language_model" else setup.length,
                 deadline=start + s.time_budget if s.time_budget else None,
+                exchange=s.token_exchanges,
             )
             record.update(searched)
         extras = {
