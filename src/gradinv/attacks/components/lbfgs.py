@@ -248,8 +248,8 @@ def lbfgs_match(
         # gradients for the candidates only (a cost that replays with autograd also reaches the model's parameters)
         wrt = [x] if y is None else [x, y]
         value = current(x, y)
-        for p, g in zip(wrt, torch.autograd.grad(value, wrt), strict=True):
-            p.grad = g
+        for p, g in zip(wrt, torch.autograd.grad(value, wrt, allow_unused=True), strict=True):
+            p.grad = g  # None (read as zeros) where the cost does not depend on p
         return value.detach()
 
     best_cost = math.inf
