@@ -105,7 +105,8 @@ class GradientMatchingAttack(Attack):
         )
         cost = build()
         autograd_cost = None
-        if use_autograd(s, s.restarts, observation.device) and s.optimizer != "lbfgs":
+        sequential = s.optimizer == "lbfgs" and s.differentiation != "func"  # L-BFGS runs restarts one by one
+        if sequential or use_autograd(s, s.restarts, observation.device):
             with_autograd = build(autograd=True)
             autograd_cost = lambda x: with_autograd(x, labels)  # noqa: E731
         bounds = box_bounds(observation, shape) if s.boxed else None
