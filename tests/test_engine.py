@@ -54,6 +54,41 @@ def test_objectives_are_zero_at_the_target_and_positive_elsewhere(name):
         assert float(d(other)) > 0
 
 
+@pytest.mark.parametrize("name", ["cosine", "layer_cosine"])
+def test_fused_cosines_match_the_elementwise_formula_to_second_order_and_under_vmap(name):
+    g = torch.Generator().manual_seed(1)
+    target = {"w": torch.randn(3, 4, generator=g, dtype=torch.float64), "b": torch.randn(5, generator=g).double()}
+    weights = {"w": 2.0, "b": 0.5}
+    bias = torch.randn(5, generator=g, dtype=torch.float64)
+
+    def elementwise(x: torch.Tensor) -> torch.Tensor:
+        cand = {"w": x, "b": bias}
+        if name == "layer_cosine":
+            terms = [
+                weights[k] * (1 - (cand[k] * t).sum() / (cand[k].pow(2).sum().sqrt() * t.pow(2).sum().sqrt()))
+                for k, t in target.items()
+            ]
+            return sum(terms) / sum(weights.values())
+        dot = sum(weights[k] * (cand[k] * t).sum() for k, t in target.items())
+        norm = sum(weights[k] * cand[k].pow(2).sum() for k in target).sqrt()
+        return 1 - dot / (norm * sum(weights[k] * t.pow(2).sum() for k, t in target.items()).sqrt())
+
+    fused_distance = OBJECTIVES[name](target, weights=weights)
+
+    def fused(x: torch.Tensor) -> torch.Tensor:
+        return fused_distance({"w": x, "b": bias})
+
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    for order in range(3):  # the value, its gradient, and the gradient of the gradient's sum
+        a, b = fused(x), elementwise(x)
+        for _ in range(order):
+            (a,) = torch.autograd.grad(a.sum(), x, create_graph=True)
+            (b,) = torch.autograd.grad(b.sum(), x, create_graph=True)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    xs = torch.randn(4, 3, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(torch.vmap(grad(fused))(xs), torch.vmap(grad(elementwise))(xs), rtol=1e-12, atol=1e-14)
+
+
 def test_layer_weights_and_schedules():
     names = ["c.weight", "c.bias", "f.weight", "f.bias"]
     assert layer_weights(names, "equal") is None

@@ -394,10 +394,22 @@ def test_lamp_refuses_a_prior_over_another_vocabulary_and_runs_without_one():
     assert rec.extras["prior"] is None and rec.inputs.shape == (1, 6)
 
 
+def test_lamp_token_search_loads_the_prior_for_its_own_weight(prior):
+    obs = observe(gpt(0), tokens(1, 6, seed=0))
+    settings = dict(iterations=6, discrete_every=2, candidates=3, init_candidates=2, token_rounds=2)
+    rec = Lamp(prior=prior, lm_weight=0.0, token_lm_weight=0.5, **settings).reconstruct(obs, seed=0)
+    assert rec.extras["prior"] == "GPT2Tiny" and rec.extras["token_rounds"] >= 1
+    assert Lamp(prior=prior, lm_weight=0.0, **settings).reconstruct(obs, seed=0).extras["prior"] is None
+
+
 def test_lamp_settings_fill_in_the_papers_weights():
     assert Lamp().settings.weights == (0.2, 1.0)
     assert Lamp(objective="tag").settings.weights == (60.0, 25.0)
     assert Lamp(objective="tag", lm_weight=1.0).settings.weights == (1.0, 25.0)
+    assert Lamp().settings.token_weight == 0.2 and Lamp(lm_weight=0.5).settings.token_weight == 0.5
+    assert Lamp(lm_weight=0.5, token_lm_weight=0.0).settings.token_weight == 0.0
+    with pytest.raises(ConfigError, match="token_lm_weight"):
+        Lamp(token_lm_weight=-1.0)
 
 
 # -- the language model prior -----------------------------------------------------------------------------------

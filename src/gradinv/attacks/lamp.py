@@ -100,8 +100,9 @@ class LampSettings:
     sequence and discrete step, ``init_candidates``; ``label_method``: where unknown classifier labels come from
     (``auto`` or a label method, or ``optimise`` them jointly); ``token_rounds``: rounds of discrete steps on the
     decoded token ids after the search (:func:`token_search`, an addition to the paper; 0: off);
-    ``token_exchanges``: whether its candidates include tokens exchanged between sequences (batches above one); the
-    rest as TAG's."""
+    ``token_exchanges``: whether its candidates include tokens exchanged between sequences (batches above one);
+    ``token_lm_weight``: alpha_lm of that search (None: ``lm_weight``'s; the exact gradient distance of token ids is
+    zero at the client's tokens without a defense, so a lower weight trusts it more); the rest as TAG's."""
 
     iterations: int = 400
     lr: float = 0.05
@@ -124,6 +125,7 @@ class LampSettings:
     time_budget: float = 0.0
     token_rounds: int = 20
     token_exchanges: bool = True
+    token_lm_weight: float | None = None
 
     def problems(self) -> list[str]:
         return [
@@ -136,6 +138,7 @@ class LampSettings:
             *at_least("alpha", self.alpha, 0),
             *([] if self.lm_weight is None else at_least("lm_weight", self.lm_weight, 0)),
             *([] if self.reg_weight is None else at_least("reg_weight", self.reg_weight, 0)),
+            *([] if self.token_lm_weight is None else at_least("token_lm_weight", self.token_lm_weight, 0)),
             *at_least("discrete_every", self.discrete_every, 1),
             *([] if 0 <= self.burn_in <= 1 else [f"burn_in must lie in [0, 1], got {self.burn_in!r}"]),
             *at_least("candidates", self.candidates, 1),
@@ -152,6 +155,11 @@ class LampSettings:
         """``(alpha_lm, alpha_reg)`` with the paper's values filled in."""
         lm, reg = PAPER_WEIGHTS[self.objective]
         return (lm if self.lm_weight is None else self.lm_weight, reg if self.reg_weight is None else self.reg_weight)
+
+    @property
+    def token_weight(self) -> float:
+        """alpha_lm of the token-level search (``token_lm_weight``, None: the continuous phase's)."""
+        return self.weights[0] if self.token_lm_weight is None else self.token_lm_weight
 
 
 # -- the discrete transformations -------------------------------------------------------------------------------
@@ -434,8 +442,9 @@ class Lamp(Attack):
         replay = TextReplay(observation, spec=spec, task=task)
         lm_weight, reg_weight = s.weights
         device = setup.device
+        token_weight = s.token_weight if s.token_rounds else 0.0
         prior = None
-        if lm_weight > 0:
+        if lm_weight > 0 or token_weight > 0:
             prior = self._prior(int(spec.vocab_size), progress)
             prior = prior.to(device).eval()
             check_prior(prior, vocab_size=int(spec.vocab_size), length=setup.length, device=device)
@@ -462,12 +471,12 @@ class Lamp(Attack):
                     value += lm_weight * float(prior_loss(prior, setup.decode(st, metric=s.decode)))
             return value
 
-        def with_prior(values: Tensor, ids: list[Tensor]) -> list[float]:
-            """Gradient distances of candidates plus alpha_lm * the prior's log-perplexity of their token ids (all
-            candidates in one forward pass)."""
-            if prior is not None:
+        def with_prior(values: Tensor, ids: list[Tensor], weight: float) -> list[float]:
+            """Gradient distances of candidates plus ``weight`` times the prior's log-perplexity of their token ids
+            (all candidates in one forward pass)."""
+            if prior is not None and weight > 0:
                 with torch.no_grad():
-                    values = values + lm_weight * prior_losses(prior, torch.stack(ids))
+                    values = values + weight * prior_losses(prior, torch.stack(ids))
             return [float(v) for v in values]
 
         def combined_many(states: list[TextState]) -> list[float]:
@@ -475,7 +484,7 @@ class Lamp(Attack):
             slower on a CPU for GPT2Tiny of width 128), the prior on all of them at once."""
             with torch.enable_grad():
                 values = torch.stack([distance(st, create_graph=False).detach() for st in states])
-            return with_prior(values, [setup.decode(st, metric=s.decode) for st in states])
+            return with_prior(values, [setup.decode(st, metric=s.decode) for st in states], lm_weight)
 
         state = self._initial_state(setup, distance, norm=norm, positions=positions, generator=generator)
 
@@ -545,7 +554,7 @@ class Lamp(Attack):
                             for c in candidates
                         ]
                     )
-                return with_prior(values, candidates)
+                return with_prior(values, candidates, token_weight)
 
             pool = None if setup.allowed is None else torch.nonzero(setup.allowed).flatten()
             ids, searched = token_search(

