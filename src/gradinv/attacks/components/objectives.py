@@ -45,7 +45,7 @@ class _DotAndSquare(torch.autograd.Function):
     @staticmethod
     def forward(c: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         flat = c.reshape(-1)
-        return torch.dot(flat, t.reshape(-1)), torch.dot(flat, flat)
+        return torch.dot(flat, t.reshape(-1).to(flat.dtype)), torch.dot(flat, flat)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Any) -> None:
@@ -54,7 +54,7 @@ class _DotAndSquare(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g_dot: Tensor, g_sq: Tensor) -> tuple[Tensor, Tensor | None]:
         c, t = ctx.saved_tensors
-        grad_c = torch.addcmul(c * (2 * g_sq), t, g_dot)
+        grad_c = torch.addcmul(c * (2 * g_sq), t.to(c.dtype), g_dot)
         return grad_c, (c * g_dot if ctx.needs_input_grad[1] else None)
 
 
