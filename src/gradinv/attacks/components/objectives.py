@@ -59,7 +59,7 @@ class _DotAndSquare(torch.autograd.Function):
 
 
 def dot_and_square(c: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """``(c * t).sum()`` and ``(c * c).sum()`` with a one-tensor backward (:class:`_DotAndSquare`)."""
+    """``(c * t).sum()`` and ``(c * c).sum()`` with a fused backward (:class:`_DotAndSquare`)."""
     return _DotAndSquare.apply(c, t)
 
 
