@@ -506,3 +506,29 @@ def test_token_candidates_without_exchanges_change_only_their_own_sequence():
     assert any(not torch.equal(c[[0, 2]], ids[[0, 2]]) for c in with_exchanges)
     cands = token_candidates(ids, 1, count=40, positions=5, pool=pool, generator=gen, exchange=False)
     assert cands and all(torch.equal(c[[0, 2]], ids[[0, 2]]) and not torch.equal(c[1], ids[1]) for c in cands)
+
+
+def test_token_exchanges_of_spans_move_contiguous_runs_between_two_sequences():
+    """``span`` above 1: some exchanges move a run of 2+ tokens of ``row`` into another sequence at the same length,
+    every exchange keeps the batch's tokens as a multiset, and with ``span=1`` at most two tokens change."""
+    from gradinv.attacks.lamp import token_candidates
+
+    ids = torch.arange(24).reshape(3, 8)  # distinct tokens: where each one went is unambiguous
+    gen = torch.Generator().manual_seed(0)
+
+    def exchanges(cands: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [c for c in cands if not torch.equal(c[[0, 2]], ids[[0, 2]])]  # row 1 traded with another row
+
+    wide = exchanges(token_candidates(ids, 1, count=60, positions=8, pool=None, generator=gen, span=4))
+    assert wide
+    runs = []
+    for c in wide:
+        assert torch.equal(c.flatten().sort().values, ids.flatten())
+        moved = (c[1] != ids[1]).nonzero().flatten()
+        assert 1 <= moved.numel() <= 4 and torch.equal(moved, torch.arange(moved[0], moved[0] + moved.numel()))
+        other = 2 if torch.equal(c[0], ids[0]) else 0
+        assert torch.equal(c[other][(c[other] != ids[other])], ids[1][moved])  # the run arrives in order
+        runs.append(moved.numel())
+    assert max(runs) >= 2
+    single = exchanges(token_candidates(ids, 1, count=60, positions=8, pool=None, generator=gen))
+    assert single and all(int((c != ids).sum()) == 2 for c in single)

@@ -126,11 +126,13 @@ class LampSettings:
     token_rounds: int = 20
     token_exchanges: bool = True
     token_lm_weight: float | None = None
+    token_exchange_span: int = 1
 
     def problems(self) -> list[str]:
         return [
             *at_least("iterations", self.iterations, 1),
             *at_least("token_rounds", self.token_rounds, 0),
+            *at_least("token_exchange_span", self.token_exchange_span, 1),
             *above("lr", self.lr, 0),
             *above("lr_decay", self.lr_decay, 0),
             *at_least("decay_every", self.decay_every, 1),
@@ -259,11 +261,13 @@ def token_candidates(
     generator: torch.Generator,
     covered: int | None = None,
     exchange: bool = True,
+    span: int = 1,
 ) -> list[Tensor]:
     """Up to ``count`` distinct neighbours of the token ids ``ids`` (B, L) that change sequence ``row``: LAMP's
-    reorderings (:data:`TRANSFORMS`) of its first ``positions`` tokens, and, in turn with them, a token of ``row``
-    exchanged with a token of another sequence (batches of more than one) and a token replaced by one of ``pool``
-    (the leaked token set, when known). With ``pool``, a neighbour must keep every token of ``pool`` somewhere in
+    reorderings (:data:`TRANSFORMS`) of its first ``positions`` tokens, and, in turn with them, a span of ``row``
+    exchanged with a span as long of another sequence (batches of more than one; a single token, or with ``span``
+    above 1, half the time 2 to ``span`` tokens) and a token replaced by one of ``pool`` (the leaked token set, when
+    known). With ``pool``, a neighbour must keep every token of ``pool`` somewhere in
     the first ``covered`` positions (default all) of the batch, as the leak says the batch does."""
     covered = ids.shape[1] if covered is None else covered
     exchanges = ("exchange",) if exchange and ids.shape[0] > 1 else ()
@@ -278,8 +282,11 @@ def token_candidates(
         if kind == "exchange":
             other = _randint(0, ids.shape[0] - 1, generator)
             other += other >= row
-            i, j = _randint(0, positions, generator), _randint(0, positions, generator)
-            new[row, i], new[other, j] = ids[other, j], ids[row, i]
+            width = 1
+            if min(span, positions) > 1 and _randint(0, 2, generator):
+                width = _randint(2, min(span, positions) + 1, generator)
+            i, j = _randint(0, positions - width + 1, generator), _randint(0, positions - width + 1, generator)
+            new[row, i : i + width], new[other, j : j + width] = ids[other, j : j + width], ids[row, i : i + width]
         elif kind == "replace":
             i = _randint(0, positions, generator)
             new[row, i] = pool[_randint(0, pool.numel(), generator)]
@@ -307,6 +314,7 @@ def token_search(
     covered: int | None = None,
     deadline: float | None = None,
     exchange: bool = True,
+    span: int = 1,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Discrete steps on the decoded token ids themselves (an addition to LAMP, whose discrete steps reorder
     continuous embeddings): each round, for every sequence in turn, ``candidates`` neighbours
@@ -332,6 +340,7 @@ def token_search(
                 generator=generator,
                 covered=covered,
                 exchange=exchange,
+                span=span,
             )
             if not pool_ids:
                 continue
@@ -568,6 +577,7 @@ class Lamp(Attack):
                 covered=setup.length - 1 if task == "language_model" else setup.length,
                 deadline=start + s.time_budget if s.time_budget else None,
                 exchange=s.token_exchanges,
+                span=s.token_exchange_span,
             )
             record.update(searched)
         extras = {
