@@ -532,3 +532,21 @@ def test_token_exchanges_of_spans_move_contiguous_runs_between_two_sequences():
     assert max(runs) >= 2
     single = exchanges(token_candidates(ids, 1, count=60, positions=8, pool=None, generator=gen))
     assert single and all(int((c != ids).sum()) == 2 for c in single)
+
+
+def test_aligned_token_exchanges_keep_every_token_at_its_position():
+    """``aligned=1``: an exchange trades tokens (or runs) between two sequences at the same positions, so every
+    position keeps its tokens as a multiset across the batch; ``aligned=0`` also trades across positions."""
+    from gradinv.attacks.lamp import token_candidates
+
+    ids = torch.arange(24).reshape(3, 8)
+    gen = torch.Generator().manual_seed(0)
+    for span in (1, 3):
+        cands = token_candidates(ids, 1, count=60, positions=8, pool=None, generator=gen, span=span, aligned=1.0)
+        traded = [c for c in cands if not torch.equal(c[[0, 2]], ids[[0, 2]])]
+        assert traded
+        for c in traded:
+            assert torch.equal(c.sort(0).values, ids.sort(0).values)  # the same tokens in every column
+    free = token_candidates(ids, 1, count=60, positions=8, pool=None, generator=gen, aligned=0.0)
+    free = [c for c in free if not torch.equal(c[[0, 2]], ids[[0, 2]])]
+    assert any(not torch.equal(c.sort(0).values, ids.sort(0).values) for c in free)

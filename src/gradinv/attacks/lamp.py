@@ -127,12 +127,18 @@ class LampSettings:
     token_exchanges: bool = True
     token_lm_weight: float | None = None
     token_exchange_span: int = 1
+    token_exchange_aligned: float = 0.0
 
     def problems(self) -> list[str]:
         return [
             *at_least("iterations", self.iterations, 1),
             *at_least("token_rounds", self.token_rounds, 0),
             *at_least("token_exchange_span", self.token_exchange_span, 1),
+            *(
+                []
+                if 0 <= self.token_exchange_aligned <= 1
+                else [f"token_exchange_aligned must lie in [0, 1], got {self.token_exchange_aligned!r}"]
+            ),
             *above("lr", self.lr, 0),
             *above("lr_decay", self.lr_decay, 0),
             *at_least("decay_every", self.decay_every, 1),
@@ -262,6 +268,7 @@ def token_candidates(
     covered: int | None = None,
     exchange: bool = True,
     span: int = 1,
+    aligned: float = 0.0,
 ) -> list[Tensor]:
     """Up to ``count`` distinct neighbours of the token ids ``ids`` (B, L) that change sequence ``row``: LAMP's
     reorderings (:data:`TRANSFORMS`) of its first ``positions`` tokens, and, in turn with them, a span of ``row``
@@ -285,7 +292,9 @@ def token_candidates(
             width = 1
             if min(span, positions) > 1 and _randint(0, 2, generator):
                 width = _randint(2, min(span, positions) + 1, generator)
-            i, j = _randint(0, positions - width + 1, generator), _randint(0, positions - width + 1, generator)
+            i = _randint(0, positions - width + 1, generator)
+            j = i if aligned > 0 and float(torch.rand((), generator=generator)) < aligned else None
+            j = _randint(0, positions - width + 1, generator) if j is None else j
             new[row, i : i + width], new[other, j : j + width] = ids[other, j : j + width], ids[row, i : i + width]
         elif kind == "replace":
             i = _randint(0, positions, generator)
@@ -315,6 +324,7 @@ def token_search(
     deadline: float | None = None,
     exchange: bool = True,
     span: int = 1,
+    aligned: float = 0.0,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Discrete steps on the decoded token ids themselves (an addition to LAMP, whose discrete steps reorder
     continuous embeddings): each round, for every sequence in turn, ``candidates`` neighbours
@@ -341,6 +351,7 @@ def token_search(
                 covered=covered,
                 exchange=exchange,
                 span=span,
+                aligned=aligned,
             )
             if not pool_ids:
                 continue
@@ -578,6 +589,7 @@ class Lamp(Attack):
                 deadline=start + s.time_budget if s.time_budget else None,
                 exchange=s.token_exchanges,
                 span=s.token_exchange_span,
+                aligned=s.token_exchange_aligned,
             )
             record.update(searched)
         extras = {
