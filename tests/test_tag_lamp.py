@@ -406,8 +406,9 @@ def test_lamp_settings_fill_in_the_papers_weights():
     assert Lamp().settings.weights == (0.2, 1.0)
     assert Lamp(objective="tag").settings.weights == (60.0, 25.0)
     assert Lamp(objective="tag", lm_weight=1.0).settings.weights == (1.0, 25.0)
-    assert Lamp().settings.token_weight == 0.2 and Lamp(lm_weight=0.5).settings.token_weight == 0.5
-    assert Lamp(lm_weight=0.5, token_lm_weight=0.0).settings.token_weight == 0.0
+    assert Lamp().settings.token_weight == 0.0 and Lamp(lm_weight=0.5).settings.token_weight == 0.0
+    assert Lamp(token_lm_weight=None).settings.token_weight == 0.2
+    assert Lamp(lm_weight=0.5, token_lm_weight=None).settings.token_weight == 0.5
     with pytest.raises(ConfigError, match="token_lm_weight"):
         Lamp(token_lm_weight=-1.0)
 
