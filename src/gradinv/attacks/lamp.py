@@ -39,21 +39,24 @@ the mean norm of the leaked tokens' rows when the restriction applies (of all ro
 the threat model's, else recovered by ``label_method`` (the paper assumes them known, recoverable from the
 classifier's gradient), or optimised jointly (``label_method="optimise"``). After the search, ``token_rounds``
 (default 60, stopping at a round without a change) rounds of greedy discrete steps run on the decoded token ids
-themselves (:func:`token_search`: reorderings, exchanges between sequences, replacements by leaked tokens, each scored
-by the exact gradient distance of the tokens' own embeddings plus ``token_lm_weight`` times the prior's
-log-perplexity): on training sentences (not the held-out ones the bench scores), with the prior's weight at alpha_lm,
-ROUGE-2 rose in all five cells tried (e.g. trained gpt2-tiny, batch 1: 0.20 to 0.48) and ROUGE-1 fell in none.
-At batch 4 the prior then mixed sequences into fluent fragments, and the reconstructions had most tokens at their
-right positions in the wrong sequences (one batch on untrained gpt2-tiny: 58% of the tokens right per position
-across the batch, 25% after matching sequences). Hence the defaults ``token_lm_weight=0`` (the exact distance is zero at the client's
-tokens without a defense) and half the exchanges between sequences at the same position
-(``token_exchange_aligned=0.5``). ROUGE-1 at batch 4 on training sentences, 3 batches per cell (2 where marked),
-TAG / earlier default (alpha_lm, unaligned, 20 rounds) / ``token_lm_weight=0`` / both new defaults and 60 rounds:
+themselves (:func:`token_search`: reorderings, exchanges between sequences, replacements by leaked tokens, each
+scored by the exact gradient distance of the tokens' own embeddings plus ``token_lm_weight`` times the prior's
+log-perplexity): on training sentences (not the held-out ones the bench scores), with the prior's weight at
+alpha_lm, ROUGE-2 rose in all five cells tried (e.g. trained gpt2-tiny, batch 1: 0.20 to 0.48) and ROUGE-1 fell in
+none. At batch 4 the prior then mixed sequences into fluent fragments, and the reconstructions had most tokens at
+their right positions in the wrong sequences (one batch on untrained gpt2-tiny: 58% of the tokens right per position
+across the batch, 25% after matching sequences). Hence the defaults ``token_lm_weight=0`` (the exact distance is
+zero at the client's tokens without a defense) and half the exchanges between sequences at the same position
+(``token_exchange_aligned=0.5``). ROUGE-1 at batch 4 on training sentences, 3 batches per cell (2 where marked), TAG
+/ earlier default (alpha_lm, unaligned, 20 rounds) / ``token_lm_weight=0`` / both new defaults and 60 rounds:
 untrained gpt2-tiny 0.47 / 0.49 (2) / 0.56 / 0.66 (20 rounds); trained gpt2-tiny 0.44 / 0.42 (2) / 0.38 / 0.47;
 untrained bert-tiny 0.53 (2) / 0.45 (2) / 0.65 (2) / 0.76; trained bert-tiny 0.31 / - / 0.37 / 0.40. Exchanging runs
-of up to 4 tokens (``token_exchange_span=4``) did not help (gpt2-tiny: 0.57 and 0.46), so single tokens stay the
-default. ``token_exchanges=False`` drops the exchanges (at batch 4 with the earlier defaults: ROUGE-1 0.45 to 0.56
-on untrained bert-tiny, 0.46 to 0.38 on trained gpt2-tiny).
+of up to 4 tokens as well (``token_exchange_span=4``) did not help (gpt2-tiny: 0.57 vs 0.66 untrained, 0.46 vs 0.47
+trained), so single tokens stay the default. ``token_exchanges=False`` drops the exchanges (at batch 4 with the
+earlier defaults: ROUGE-1 0.45 to 0.56 on untrained bert-tiny, 0.46 to 0.38 on trained gpt2-tiny). On the held-out
+sentences (bench/results/text_attacks.md, 6 batches per cell) LAMP's ROUGE-1 is above TAG's in 6 of 8 cells, equal
+on untrained gpt2-tiny at batch 1 (0.97) and 0.41 vs 0.42 on trained gpt2-tiny at batch 4; its ROUGE-2 is above in
+all 8.
 
 Threat model: honest-but-curious server, one client's FedSGD gradient of its mean loss, ``B`` and ``L`` known (no
 padding), the model's parameters, an auxiliary language model over the model's vocabulary.
@@ -283,9 +286,9 @@ def token_candidates(
     """Up to ``count`` distinct neighbours of the token ids ``ids`` (B, L) that change sequence ``row``: LAMP's
     reorderings (:data:`TRANSFORMS`) of its first ``positions`` tokens, and, in turn with them, a span of ``row``
     exchanged with a span as long of another sequence (batches of more than one; a single token, or with ``span``
-    above 1, half the time 2 to ``span`` tokens) and a token replaced by one of ``pool`` (the leaked token set, when
-    known). With ``pool``, a neighbour must keep every token of ``pool`` somewhere in
-    the first ``covered`` positions (default all) of the batch, as the leak says the batch does."""
+    above 1, half the time 2 to ``span`` tokens; a share ``aligned`` at the same positions in both) and a token
+    replaced by one of ``pool`` (the leaked token set, when known). With ``pool``, a neighbour must keep every token
+    of ``pool`` somewhere in the first ``covered`` positions (default all) of the batch, as the leak says it does."""
     covered = ids.shape[1] if covered is None else covered
     exchanges = ("exchange",) if exchange and ids.shape[0] > 1 else ()
     kinds = [*TRANSFORMS, *exchanges, *(("replace",) if pool is not None else ())]
