@@ -411,6 +411,10 @@ def test_lamp_settings_fill_in_the_papers_weights():
     assert Lamp(lm_weight=0.5, token_lm_weight=None).settings.token_weight == 0.5
     with pytest.raises(ConfigError, match="token_lm_weight"):
         Lamp(token_lm_weight=-1.0)
+    with pytest.raises(ConfigError, match=r"token_exchange_aligned must lie in \[0, 1\]"):
+        Lamp(token_exchange_aligned=1.5)
+    with pytest.raises(ConfigError, match="token_exchange_span"):
+        Lamp(token_exchange_span=0)
 
 
 # -- the language model prior -----------------------------------------------------------------------------------
@@ -511,7 +515,7 @@ def test_token_candidates_without_exchanges_change_only_their_own_sequence():
 
 def test_token_exchanges_of_spans_move_contiguous_runs_between_two_sequences():
     """``span`` above 1: some exchanges move a run of 2+ tokens of ``row`` into another sequence at the same length,
-    every exchange keeps the batch's tokens as a multiset, and with ``span=1`` at most two tokens change."""
+    every exchange keeps the batch's tokens as a multiset, and with ``span=1`` exactly two tokens change."""
     from gradinv.attacks.lamp import token_candidates
 
     ids = torch.arange(24).reshape(3, 8)  # distinct tokens: where each one went is unambiguous

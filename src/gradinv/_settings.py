@@ -57,6 +57,11 @@ def above(key: str, value: float, low: float) -> list[str]:
     return [] if value > low else [f"{key} must be > {low}, got {value!r}"]
 
 
+def in_unit_interval(key: str, value: float) -> list[str]:
+    """``["KEY must lie in [0, 1], got VALUE"]`` unless ``0 <= value <= 1`` (NaN fails)."""
+    return [] if 0 <= value <= 1 else [f"{key} must lie in [0, 1], got {value!r}"]
+
+
 def one_of(key: str, value: Any, choices: Iterable[Any]) -> list[str]:
     """``["KEY must be one of A, B, got VALUE (did you mean B?)"]`` unless ``value`` is one of ``choices``."""
     choices = list(choices)

@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradinv._settings import above, at_least, one_of
+from gradinv._settings import above, at_least, in_unit_interval, one_of
 from gradinv.attacks.base import Attack, AttackOutput, Callback, register_attack
 from gradinv.attacks.dager import resolve_spec
 from gradinv.attacks.labels import LABEL_METHODS, label_declines, labels_for
@@ -147,11 +147,7 @@ class LampSettings:
             *at_least("iterations", self.iterations, 1),
             *at_least("token_rounds", self.token_rounds, 0),
             *at_least("token_exchange_span", self.token_exchange_span, 1),
-            *(
-                []
-                if 0 <= self.token_exchange_aligned <= 1
-                else [f"token_exchange_aligned must lie in [0, 1], got {self.token_exchange_aligned!r}"]
-            ),
+            *in_unit_interval("token_exchange_aligned", self.token_exchange_aligned),
             *above("lr", self.lr, 0),
             *above("lr_decay", self.lr_decay, 0),
             *at_least("decay_every", self.decay_every, 1),
@@ -161,7 +157,7 @@ class LampSettings:
             *([] if self.reg_weight is None else at_least("reg_weight", self.reg_weight, 0)),
             *([] if self.token_lm_weight is None else at_least("token_lm_weight", self.token_lm_weight, 0)),
             *at_least("discrete_every", self.discrete_every, 1),
-            *([] if 0 <= self.burn_in <= 1 else [f"burn_in must lie in [0, 1], got {self.burn_in!r}"]),
+            *in_unit_interval("burn_in", self.burn_in),
             *at_least("candidates", self.candidates, 1),
             *at_least("init_candidates", self.init_candidates, 1),
             *one_of("decode", self.decode, DECODINGS),
@@ -306,8 +302,10 @@ def token_candidates(
             if min(span, positions) > 1 and _randint(0, 2, generator):
                 width = _randint(2, min(span, positions) + 1, generator)
             i = _randint(0, positions - width + 1, generator)
-            j = i if aligned > 0 and float(torch.rand((), generator=generator)) < aligned else None
-            j = _randint(0, positions - width + 1, generator) if j is None else j
+            if aligned > 0 and float(torch.rand((), generator=generator)) < aligned:
+                j = i
+            else:
+                j = _randint(0, positions - width + 1, generator)
             new[row, i : i + width], new[other, j : j + width] = ids[other, j : j + width], ids[row, i : i + width]
         elif kind == "replace":
             i = _randint(0, positions, generator)
