@@ -415,6 +415,8 @@ def test_lamp_settings_fill_in_the_papers_weights():
         Lamp(token_exchange_aligned=1.5)
     with pytest.raises(ConfigError, match="token_exchange_span"):
         Lamp(token_exchange_span=0)
+    with pytest.raises(ConfigError, match="token_guided"):
+        Lamp(token_guided=-1)
 
 
 # -- the language model prior -----------------------------------------------------------------------------------
@@ -555,3 +557,72 @@ def test_aligned_token_exchanges_keep_every_token_at_its_position():
     free = token_candidates(ids, 1, count=60, positions=8, pool=None, generator=gen, aligned=0.0)
     free = [c for c in free if not torch.equal(c[[0, 2]], ids[[0, 2]])]
     assert any(not torch.equal(c.sort(0).values, ids.sort(0).values) for c in free)
+
+
+@pytest.mark.parametrize("make", [gpt, bert])
+def test_flip_estimates_are_the_derivative_along_each_replacement(make):
+    """HotFlip's estimate for token ``v`` at ``(b, t)`` is the derivative of the distance along the straight line
+    from the current embedding (and, for a language model, one-hot target) to ``v``'s: checked against a central
+    difference in float64, including a language model's last position (a target only)."""
+    from gradinv.attacks.lamp import flip_estimates
+
+    model = make(0).double()
+    ids, labels = tokens(2, 6, seed=0), torch.tensor([0, 1])
+    obs = observe(model, ids, labels)
+    task = text_task(model)
+    replay = TextReplay(obs, spec=text_model_spec(model), task=task)
+    emb = obs.parameters["wte.weight"].detach()
+    current = ids.flip(1)
+
+    def distance(x, soft):
+        return cosine_distance(replay.gradient(x, labels if soft is None else soft, create_graph=True), replay.target)
+
+    columns = torch.unique(torch.cat([ids.flatten(), torch.tensor([7, 11])]))
+    est = flip_estimates(current, columns, embedding=emb, distance=distance, language_model=task == "language_model")
+    assert est.shape == (2, 6, columns.numel())
+    x0 = emb[current]
+    t0 = F.one_hot(current, VOCAB).double() if task == "language_model" else None
+    for b, t, c in [(0, 0, 3), (1, 2, 0), (0, 5, 5), (1, 5, 9)]:
+        v = int(columns[c])
+
+        def along(eps, b=b, t=t, v=v):
+            x = x0.clone()
+            x[b, t] += eps * (emb[v] - emb[current[b, t]])
+            soft = None
+            if t0 is not None:
+                soft = t0.clone()
+                soft[b, t, v] += eps
+                soft[b, t, current[b, t]] -= eps
+            with torch.enable_grad():
+                return float(distance(x, soft).detach())
+
+        numeric = (along(1e-6) - along(-1e-6)) / 2e-6
+        assert est[b, t, c].item() == pytest.approx(numeric, rel=1e-4, abs=1e-9)
+        same = est[b, t, int(torch.searchsorted(columns, current[b, t]))].item()
+        assert same == pytest.approx(0.0, abs=1e-12)  # the token it holds: no change
+
+
+def test_guided_candidates_come_lowest_estimate_first_and_keep_the_leak():
+    """The neighbours are ordered by their first-order estimate: a replacement (one position's estimate), a swap
+    within the sequence and an exchange with another sequence (two positions' estimates summed); with a pool, a
+    replacement that drops a leaked token from the batch is left out."""
+    from gradinv.attacks.lamp import guided_candidates
+
+    ids = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    columns = torch.arange(8)
+    est = torch.ones(2, 4, 8)
+    est[1] = 3.0  # so that no exchange carrying row 0's best replacement comes before the three below
+    est[torch.arange(2)[:, None], torch.arange(4), ids] = 0.0
+    est[0, 1, 6] = -5.0  # replace row 0's token 1 by 6
+    est[0, 0, 2] = est[0, 2, 0] = -2.0  # swap row 0's positions 0 and 2
+    est[0, 3, 4] = est[1, 0, 3] = -1.5  # exchange row 0's position 3 with row 1's position 0
+    out = guided_candidates(ids, 0, est, columns, count=3, positions=4, pool=None)
+    replace, swap, exchange = ids.clone(), ids.clone(), ids.clone()
+    replace[0, 1] = 6
+    swap[0, [0, 2]] = torch.tensor([2, 0])
+    exchange[0, 3], exchange[1, 0] = 4, 3
+    assert [c.tolist() for c in out] == [replace.tolist(), swap.tolist(), exchange.tolist()]
+    kept = guided_candidates(ids, 0, est, columns, count=2, positions=4, pool=torch.arange(8))
+    assert [c.tolist() for c in kept] == [swap.tolist(), exchange.tolist()]  # token 1 must stay in the batch
+    alone = guided_candidates(ids, 0, est, columns, count=5, positions=4, pool=None, exchange=False)
+    assert all(torch.equal(c[1], ids[1]) for c in alone)

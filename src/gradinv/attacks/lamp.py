@@ -141,12 +141,14 @@ class LampSettings:
     token_lm_weight: float | None = 0.0
     token_exchange_span: int = 1
     token_exchange_aligned: float = 0.5
+    token_guided: int = 16
 
     def problems(self) -> list[str]:
         return [
             *at_least("iterations", self.iterations, 1),
             *at_least("token_rounds", self.token_rounds, 0),
             *at_least("token_exchange_span", self.token_exchange_span, 1),
+            *at_least("token_guided", self.token_guided, 0),
             *in_unit_interval("token_exchange_aligned", self.token_exchange_aligned),
             *above("lr", self.lr, 0),
             *above("lr_decay", self.lr_decay, 0),
@@ -322,6 +324,106 @@ def token_candidates(
     return out
 
 
+def flip_estimates(
+    ids: Tensor,
+    columns: Tensor,
+    *,
+    embedding: Tensor,
+    distance: Callable[[Tensor, Tensor | None], Tensor],
+    language_model: bool,
+) -> Tensor:
+    """HotFlip's first-order estimate (Ebrahimi et al., ACL 2018) of the change in ``distance`` when position
+    ``(b, t)`` of the token ids ``ids`` (B, L) holds token ``columns[c]`` instead: (B, L, C).
+
+    ``distance(x, targets)`` is differentiable in the embeddings ``x`` (B, L, D) and, for a language model, in its
+    next-token targets given as probabilities (B, L, V) (one-hot at ``ids``; a classifier gets None and keeps its
+    labels). The estimate is ``(E[v] - E[ids[b, t]]) . dd/dx[b, t]``, plus ``dd/dT[b, t, v] - dd/dT[b, t, ids[b, t]]``
+    for a language model, whose token ``t`` is also the target of position ``t - 1``."""
+    with torch.enable_grad():
+        x = embedding[ids].detach().clone().requires_grad_(True)
+        soft = None
+        if language_model:
+            soft = F.one_hot(ids, embedding.shape[0]).to(x.dtype).requires_grad_(True)
+        value = distance(x, soft)
+        grads = torch.autograd.grad(value, [x] if soft is None else [x, soft])
+    gx = grads[0]
+    est = gx @ embedding[columns].T - (gx * x.detach()).sum(-1, keepdim=True)
+    if soft is not None:
+        gt = grads[1]
+        est = est + gt[..., columns] - gt.gather(-1, ids.unsqueeze(-1))
+    return est.detach()
+
+
+def guided_candidates(
+    ids: Tensor,
+    row: int,
+    scores: Tensor,
+    columns: Tensor,
+    *,
+    count: int,
+    positions: int,
+    pool: Tensor | None,
+    covered: int | None = None,
+    exchange: bool = True,
+) -> list[Tensor]:
+    """Up to ``count`` distinct neighbours of the token ids ``ids`` (B, L) that change sequence ``row``, the lowest
+    first by a first-order estimate of the change in the score (HotFlip, Ebrahimi et al., ACL 2018; GCG, Zou et
+    al. 2023): ``scores`` (B, L, C) estimates the change when position ``(b, t)`` holds token ``columns[c]``
+    (``columns``: sorted token ids holding every token of ``ids`` and of ``pool``). The neighbourhoods: every token
+    of ``row`` replaced by one of ``pool`` (of ``columns`` without a pool), two tokens of ``row`` swapped (the sum of
+    both positions' estimates), and, with ``exchange``, a token of ``row`` exchanged with one of another sequence
+    at any position. With ``pool``, a neighbour must keep every token of ``pool`` in the first ``covered``
+    positions of the batch, as :func:`token_candidates`."""
+    covered = ids.shape[1] if covered is None else covered
+    col = torch.searchsorted(columns, ids)  # (B, L): each token's column
+    n = positions
+    own = scores[row, :n]  # (n, C)
+    flat = [own.reshape(-1)]
+    # swaps within ``row``: position i takes the token at j and j the one at i
+    at = own.gather(1, col[row, :n].unsqueeze(0).expand(n, n))  # at[i, j]: estimate of i holding row's token j
+    swap = at + at.T
+    swap = swap.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=ids.device).triu(1), float("inf"))
+    flat.append(swap.reshape(-1))
+    others = [o for o in range(ids.shape[0]) if o != row] if exchange else []
+    for o in others:
+        mine = own.gather(1, col[o, :n].unsqueeze(0).expand(n, n))  # row's i holding o's token j
+        theirs = scores[o, :n].gather(1, col[row, :n].unsqueeze(0).expand(n, n))  # o's j holding row's token i
+        flat.append((mine + theirs.T).reshape(-1))
+    values = torch.cat(flat)
+    allowed = columns if pool is None else pool
+    replace_ok = torch.isin(columns, allowed).unsqueeze(0).expand(n, -1).reshape(-1)
+    values[: replace_ok.numel()] = values[: replace_ok.numel()].masked_fill(~replace_ok, float("inf"))
+    order = torch.argsort(values, stable=True)
+    out: list[Tensor] = []
+    seen = {tuple(ids.reshape(-1).tolist())}
+    size = [own.numel(), n * n, *[n * n for _ in others]]
+    bounds = torch.tensor(size).cumsum(0).tolist()
+    for k in order.tolist():
+        if len(out) >= count or values[k] == float("inf"):
+            break
+        new = ids.clone()
+        part = next(p for p, b in enumerate(bounds) if k < b)
+        r = k - (bounds[part - 1] if part else 0)
+        if part == 0:
+            new[row, r // own.shape[1]] = columns[r % own.shape[1]]
+        elif part == 1:
+            i, j = divmod(r, n)
+            new[row, i], new[row, j] = ids[row, j], ids[row, i]
+        else:
+            o = others[part - 2]
+            i, j = divmod(r, n)
+            new[row, i], new[o, j] = ids[o, j], ids[row, i]
+        if torch.equal(new, ids):
+            continue
+        if pool is not None and not bool(torch.isin(pool, new[:, :covered].reshape(-1)).all()):
+            continue
+        key = tuple(new.reshape(-1).tolist())
+        if key not in seen:
+            seen.add(key)
+            out.append(new)
+    return out
+
+
 def token_search(
     ids: Tensor,
     *,
@@ -336,6 +438,8 @@ def token_search(
     exchange: bool = True,
     span: int = 1,
     aligned: float = 0.0,
+    guide: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+    guided: int = 0,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Discrete steps on the decoded token ids themselves (an addition to LAMP, whose discrete steps reorder
     continuous embeddings): each round, for every sequence in turn, ``candidates`` neighbours
@@ -364,6 +468,19 @@ def token_search(
                 span=span,
                 aligned=aligned,
             )
+            if guide is not None and guided > 0:
+                scores, columns = guide(current)
+                pool_ids += guided_candidates(
+                    current,
+                    row,
+                    scores,
+                    columns,
+                    count=guided,
+                    positions=positions,
+                    pool=pool,
+                    covered=covered,
+                    exchange=exchange,
+                )
             if not pool_ids:
                 continue
             values = score_many(pool_ids)
@@ -588,6 +705,27 @@ class Lamp(Attack):
                 return with_prior(values, candidates, token_weight)
 
             pool = None if setup.allowed is None else torch.nonzero(setup.allowed).flatten()
+            vocab = setup.embedding.shape[0]
+
+            def guide(c: Tensor) -> tuple[Tensor, Tensor]:
+                """First-order estimates for :func:`guided_candidates` over the pool and the current tokens (every
+                token without a pool)."""
+                columns = (
+                    torch.arange(vocab, device=device) if pool is None else torch.unique(torch.cat([pool, c.flatten()]))
+                )
+
+                def soft_distance(x: Tensor, soft: Tensor | None) -> Tensor:
+                    return rec_distance(replay.gradient(x, labels if soft is None else soft, create_graph=True))
+
+                est = flip_estimates(
+                    c,
+                    columns,
+                    embedding=setup.embedding,
+                    distance=soft_distance,
+                    language_model=task == "language_model",
+                )
+                return est, columns
+
             ids, searched = token_search(
                 ids,
                 score_many=exact_many,
@@ -601,6 +739,8 @@ class Lamp(Attack):
                 exchange=s.token_exchanges,
                 span=s.token_exchange_span,
                 aligned=s.token_exchange_aligned,
+                guide=guide,
+                guided=s.token_guided,
             )
             record.update(searched)
         extras = {
@@ -662,8 +802,12 @@ __all__ = [
     "LampSettings",
     "check_prior",
     "discrete_step",
+    "flip_estimates",
+    "guided_candidates",
     "permuted",
     "prior_loss",
     "prior_losses",
     "reorder",
+    "token_candidates",
+    "token_search",
 ]
