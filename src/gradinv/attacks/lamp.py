@@ -53,10 +53,19 @@ untrained gpt2-tiny 0.47 / 0.49 (2) / 0.56 / 0.66 (20 rounds); trained gpt2-tiny
 untrained bert-tiny 0.53 (2) / 0.45 (2) / 0.65 (2) / 0.76; trained bert-tiny 0.31 / - / 0.37 / 0.40. Exchanging runs
 of up to 4 tokens as well (``token_exchange_span=4``) did not help (gpt2-tiny: 0.57 vs 0.66 untrained, 0.46 vs 0.47
 trained), so single tokens stay the default. ``token_exchanges=False`` drops the exchanges (at batch 4 with the
-earlier defaults: ROUGE-1 0.45 to 0.56 on untrained bert-tiny, 0.46 to 0.38 on trained gpt2-tiny). On the held-out
-sentences (bench/results/text_attacks.md, 6 batches per cell) LAMP's ROUGE-1 is above TAG's in 6 of 8 cells, equal
-on untrained gpt2-tiny at batch 1 (0.97) and 0.41 vs 0.42 on trained gpt2-tiny at batch 4; its ROUGE-2 is above in
-all 8.
+earlier defaults: ROUGE-1 0.45 to 0.56 on untrained bert-tiny, 0.46 to 0.38 on trained gpt2-tiny). Each sequence's
+random candidates come with the ``token_guided`` (default 16) neighbours whose first-order estimate of the distance's
+change is lowest (HotFlip, Ebrahimi et al., ACL 2018, as GCG ranks token replacements, Zou et al. 2023): every
+replacement by a leaked token, swap within the sequence and single-token exchange with another sequence, all ranked
+from one double-backward pass at the current tokens (:func:`flip_estimates`, :func:`guided_candidates`). On training
+sentences at batch 4, from the same continuous-phase result, ROUGE-1 without the token search / random candidates
+only / with 16 guided ones: untrained gpt2-tiny 0.53 / 0.70 / 0.93 (ROUGE-2 0.46 to 0.90; 3 batches), trained
+gpt2-tiny 0.41 / 0.41 / 0.43 (6 batches), trained bert-tiny 0.37 / 0.41 / 0.41 (3 batches); 32 or 64 guided ones were
+no better (untrained gpt2-tiny 0.91 with 32) and cost up to twice the search time, and the prior's weight at alpha_lm
+with 16 guided ones lowered ROUGE-1 (untrained gpt2-tiny 0.62, trained 0.34). On the held-out sentences
+(bench/results/text_attacks.md, 6 batches per cell) LAMP's ROUGE-1 and token accuracy are above TAG's in all 8
+cells (untrained gpt2-tiny: every batch exact at batch 1, ROUGE-1 0.78 vs 0.57 at batch 4; trained gpt2-tiny at batch
+4: 0.45 vs 0.42), its ROUGE-2 in 7 (untrained bert-tiny at batch 4: 0.053 vs 0.058).
 
 Threat model: honest-but-curious server, one client's FedSGD gradient of its mean loss, ``B`` and ``L`` known (no
 padding), the model's parameters, an auxiliary language model over the model's vocabulary.
@@ -115,7 +124,8 @@ class LampSettings:
     runs of up to ``token_exchange_span`` tokens, a share ``token_exchange_aligned`` of them at the same positions in
     both sequences; ``token_lm_weight``: alpha_lm of that search (None: ``lm_weight``'s; default 0: the exact
     gradient distance of token ids is zero at the client's tokens without a defense, so the search trusts it alone;
-    module docstring for the measurements); the rest as TAG's."""
+    module docstring for the measurements); ``token_guided``: how many more candidates per sequence come ranked by
+    HotFlip's first-order estimate (:func:`guided_candidates`; 0: random candidates only); the rest as TAG's."""
 
     iterations: int = 400
     lr: float = 0.05
