@@ -626,3 +626,28 @@ def test_guided_candidates_come_lowest_estimate_first_and_keep_the_leak():
     assert [c.tolist() for c in kept] == [swap.tolist(), exchange.tolist()]  # token 1 must stay in the batch
     alone = guided_candidates(ids, 0, est, columns, count=5, positions=4, pool=None, exchange=False)
     assert all(torch.equal(c[1], ids[1]) for c in alone)
+
+
+def test_token_search_with_a_guide_reaches_the_optimum_of_a_separable_score():
+    """With exact first-order estimates (a score that counts wrong positions is separable: a replacement's change is
+    its own position's), the guided candidates lead the greedy search to the truth where one random candidate per
+    sequence and round does not."""
+    from gradinv.attacks.lamp import token_search
+
+    truth = torch.tensor([[3, 1, 4, 0, 5], [9, 2, 6, 8, 7]])
+    columns = torch.arange(10)
+
+    def score_many(cands):
+        return [float((c != truth).sum()) for c in cands]
+
+    def guide(ids):
+        wrong_now = (ids != truth).float().unsqueeze(-1)
+        wrong_then = (columns.view(1, 1, -1) != truth.unsqueeze(-1)).float()
+        return wrong_then - wrong_now, columns
+
+    start = truth.flip(1).roll(1, dims=0)
+    common = dict(score_many=score_many, positions=5, candidates=1, rounds=40, pool=torch.unique(truth))
+    guided, record = token_search(start, generator=torch.Generator().manual_seed(0), guide=guide, guided=4, **common)
+    assert torch.equal(guided, truth) and record["token_gain"] == score_many([start])[0]
+    alone, _ = token_search(start, generator=torch.Generator().manual_seed(0), **common)
+    assert score_many([alone])[0] > 0

@@ -453,8 +453,10 @@ def token_search(
 ) -> tuple[Tensor, dict[str, Any]]:
     """Discrete steps on the decoded token ids themselves (an addition to LAMP, whose discrete steps reorder
     continuous embeddings): each round, for every sequence in turn, ``candidates`` neighbours
-    (:func:`token_candidates`) are scored by ``score_many`` (the gradient distance of the tokens' own embeddings
-    plus alpha_lm times the prior's log-perplexity) and the best replaces the current ids if it scores lower.
+    (:func:`token_candidates`), with ``guided`` more ranked by ``guide`` (ids -> first-order estimates and their
+    columns, :func:`guided_candidates`) when given, are scored by ``score_many`` (the gradient distance of the
+    tokens' own embeddings plus alpha_lm times the prior's log-perplexity) and the best replaces the current ids if
+    it scores lower.
     Stops after ``rounds`` rounds, a round without a change, or at ``deadline`` (a ``time.perf_counter()`` value,
     checked before each round). Greedy: the returned ids never score higher."""
     current = ids.clone()
