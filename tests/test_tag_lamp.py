@@ -625,7 +625,7 @@ def test_guided_candidates_come_lowest_estimate_first_and_keep_the_leak():
     kept = guided_candidates(ids, 0, est, columns, count=2, positions=4, pool=torch.arange(8))
     assert [c.tolist() for c in kept] == [swap.tolist(), exchange.tolist()]  # token 1 must stay in the batch
     alone = guided_candidates(ids, 0, est, columns, count=5, positions=4, pool=None, exchange=False)
-    assert all(torch.equal(c[1], ids[1]) for c in alone)
+    assert alone and all(torch.equal(c[1], ids[1]) for c in alone)
 
 
 def test_token_search_with_a_guide_reaches_the_optimum_of_a_separable_score():

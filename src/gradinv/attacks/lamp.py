@@ -400,9 +400,9 @@ def guided_candidates(
         theirs = scores[o, :n].gather(1, col[row, :n].unsqueeze(0).expand(n, n))  # o's j holding row's token i
         flat.append((mine + theirs.T).reshape(-1))
     values = torch.cat(flat)
-    allowed = columns if pool is None else pool
-    replace_ok = torch.isin(columns, allowed).unsqueeze(0).expand(n, -1).reshape(-1)
-    values[: replace_ok.numel()] = values[: replace_ok.numel()].masked_fill(~replace_ok, float("inf"))
+    if pool is not None:  # replacements by leaked tokens only
+        leaked = torch.isin(columns, pool).unsqueeze(0).expand(n, -1).reshape(-1)
+        values[: leaked.numel()] = values[: leaked.numel()].masked_fill(~leaked, float("inf"))
     order = torch.argsort(values, stable=True)
     out: list[Tensor] = []
     seen = {tuple(ids.reshape(-1).tolist())}
@@ -423,8 +423,6 @@ def guided_candidates(
             o = others[part - 2]
             i, j = divmod(r, n)
             new[row, i], new[o, j] = ids[o, j], ids[row, i]
-        if torch.equal(new, ids):
-            continue
         if pool is not None and not bool(torch.isin(pool, new[:, :covered].reshape(-1)).all()):
             continue
         key = tuple(new.reshape(-1).tolist())
@@ -462,6 +460,7 @@ def token_search(
     current = ids.clone()
     best = score_many([current])[0]
     first, changes, ran = best, 0, 0
+    estimates = None  # the guide's estimates at ``current``, recomputed after a change only
     for _ in range(rounds):
         if deadline is not None and time.perf_counter() >= deadline:
             break
@@ -481,12 +480,12 @@ def token_search(
                 aligned=aligned,
             )
             if guide is not None and guided > 0:
-                scores, columns = guide(current)
+                if estimates is None:
+                    estimates = guide(current)
                 pool_ids += guided_candidates(
                     current,
                     row,
-                    scores,
-                    columns,
+                    *estimates,
                     count=guided,
                     positions=positions,
                     pool=pool,
@@ -500,6 +499,7 @@ def token_search(
             if values[k] < best:
                 best, current, changed = values[k], pool_ids[k], True
                 changes += 1
+                estimates = None
         if not changed:
             break
     return current, {"token_rounds": ran, "token_changes": changes, "token_gain": first - best}
@@ -719,16 +719,16 @@ class Lamp(Attack):
             pool = None if setup.allowed is None else torch.nonzero(setup.allowed).flatten()
             vocab = setup.embedding.shape[0]
 
+            def soft_distance(x: Tensor, soft: Tensor | None) -> Tensor:
+                """The distance with a language model's targets as probabilities (a classifier keeps its labels)."""
+                return rec_distance(replay.gradient(x, labels if soft is None else soft, create_graph=True))
+
             def guide(c: Tensor) -> tuple[Tensor, Tensor]:
                 """First-order estimates for :func:`guided_candidates` over the pool and the current tokens (every
                 token without a pool)."""
                 columns = (
                     torch.arange(vocab, device=device) if pool is None else torch.unique(torch.cat([pool, c.flatten()]))
                 )
-
-                def soft_distance(x: Tensor, soft: Tensor | None) -> Tensor:
-                    return rec_distance(replay.gradient(x, labels if soft is None else soft, create_graph=True))
-
                 est = flip_estimates(
                     c,
                     columns,
